@@ -1,0 +1,328 @@
+"""Configuration: a TOML file plus ``MAILPROXY_*`` environment overrides, via pydantic-settings.
+
+``load_config`` is the only entry point; it turns every problem into a ``ConfigError`` whose
+message names the file, the key and what is wrong, so the CLI can print it and exit 2.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import platformdirs
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .providers import PRESETS, Flow, ProviderName, Server, TlsMode
+
+ENV_CONFIG = "MAILPROXY_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration problem a person can fix; the message says where and what."""
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected 'host:port', got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range 0-65535")
+    return host, number
+
+
+def _check_hostport(value: str) -> str:
+    parse_hostport(value)
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_hostport)]
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_oauth_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme == "https" and parts.hostname:
+        return value
+    if parts.scheme == "http" and parts.hostname and is_loopback_host(parts.hostname):
+        return value  # a token endpoint on this machine (tests, a local broker)
+    raise ValueError(f"must be an https:// URL (http:// only on loopback), got {value!r}")
+
+
+OAuthUrl = Annotated[str, AfterValidator(_check_oauth_url)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImapListener(_Strict):
+    listen: HostPort = "127.0.0.1:1143"
+    # Before login: longest command line and literal a client may send, and how long it may idle.
+    max_line: int = Field(default=8192, ge=512)
+    max_literal: int = Field(default=8192, ge=64)
+    login_timeout: float = Field(default=60.0, gt=0)
+
+
+class TokenSettings(_Strict):
+    # Refresh this many seconds before an access token expires, minus up to `jitter` seconds.
+    refresh_before: float = Field(default=300.0, ge=0)
+    jitter: float = Field(default=60.0, ge=0)
+    # Per token request, and how often transient failures (network, 5xx, 429) are retried.
+    request_timeout: float = Field(default=20.0, gt=0)
+    retries: int = Field(default=3, ge=0)
+
+
+class Account(_Strict):
+    address: str
+    provider: ProviderName
+    client_id: str = ""
+    client_secret: SecretStr | None = None
+    flow: Flow = "authorization_code"
+    # Microsoft tenant: common, organizations, consumers or a tenant id.
+    tenant: str | None = None
+    # Name sent upstream in the SASL string when it differs from `address` (shared mailboxes).
+    upstream_user: str | None = None
+    token_url: OAuthUrl | None = None
+    authorize_url: OAuthUrl | None = None
+    device_authorization_url: OAuthUrl | None = None
+    scopes: list[str] | None = None
+    imap_server: HostPort | None = None
+    imap_tls: TlsMode | None = None
+    pop3_server: HostPort | None = None
+    pop3_tls: TlsMode | None = None
+    smtp_server: HostPort | None = None
+    smtp_tls: TlsMode | None = None
+    # A CA bundle to trust for the upstream mail servers (private CA, interception proxy, tests).
+    # Certificates are always verified; this only adds trust anchors.
+    ca_file: Path | None = None
+    sasl_mechanism: Literal["auto", "xoauth2", "oauthbearer"] = "auto"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if "@" not in value or any(c.isspace() for c in value):
+            raise ValueError(f"expected an e-mail address, got {value!r}")
+        return value
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"CA file {str(value)!r} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> Account:
+        preset = PRESETS.get(self.provider)
+        if preset is None:  # custom: the account gives everything it uses
+            missing = [k for k in ("token_url", "imap_server") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"provider 'custom' needs {' and '.join(missing)}")
+            if self.scopes is None:
+                raise ValueError("provider 'custom' needs scopes (a list, may be empty)")
+        else:
+            tenant = self.tenant or preset.default_tenant or ""
+            if self.flow == "client_credentials" and self.tenant in (None, "common",
+                                                                     "organizations"):
+                raise ValueError("flow 'client_credentials' needs `tenant` set to the tenant id")
+            if self.token_url is None:
+                self.token_url = preset.token_url.format(tenant=tenant)
+            if self.authorize_url is None:
+                self.authorize_url = preset.authorize_url.format(tenant=tenant)
+            if self.device_authorization_url is None and preset.device_authorization_url:
+                self.device_authorization_url = preset.device_authorization_url.format(
+                    tenant=tenant)
+            if self.scopes is None:
+                app_only = self.flow == "client_credentials" and preset.app_only_scopes
+                self.scopes = list(preset.app_only_scopes if app_only else preset.scopes)
+            for proto in ("imap", "pop3", "smtp"):
+                server: Server = getattr(preset, proto)
+                if getattr(self, f"{proto}_server") is None:
+                    setattr(self, f"{proto}_server", f"{server.host}:{server.port}")
+                    if getattr(self, f"{proto}_tls") is None:
+                        setattr(self, f"{proto}_tls", server.tls)
+        if not self.client_id and self.flow != "service_account":
+            raise ValueError("client_id is required")
+        return self
+
+    @property
+    def key(self) -> str:
+        """The account's identity: the address, case-folded (user names are matched this way)."""
+        return self.address.casefold()
+
+    @property
+    def sasl_user(self) -> str:
+        return self.upstream_user or self.address
+
+    def server(self, proto: Literal["imap", "pop3", "smtp"]) -> Server | None:
+        hostport = getattr(self, f"{proto}_server")
+        if hostport is None:
+            return None
+        host, port = parse_hostport(hostport)
+        tls: TlsMode = getattr(self, f"{proto}_tls") or ("starttls" if port in (
+            143, 110, 587, 25) else "implicit")
+        return Server(host, port, tls)
+
+
+def _default_state_dir() -> Path:
+    return platformdirs.user_state_path("mailproxy")
+
+
+def default_config_path() -> Path:
+    return platformdirs.user_config_path("mailproxy") / "config.toml"
+
+
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MAILPROXY_", env_nested_delimiter="__", extra="forbid",
+    )
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    imap: ImapListener = ImapListener()
+    tokens: TokenSettings = TokenSettings()
+    accounts: list[Account] = []
+
+    @field_validator("state_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _unique(self) -> Settings:
+        seen: set[str] = set()
+        for account in self.accounts:
+            if account.key in seen:
+                raise ValueError(f"account {account.address!r} is listed twice")
+            seen.add(account.key)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    def account(self, login: str) -> Account | None:
+        wanted = login.casefold()
+        for account in self.accounts:
+            if account.key == wanted:
+                return account
+        return None
+
+
+def _describe(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _format_errors(exc: ValidationError, data: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = tuple(err["loc"])
+        if loc and loc[0] == "accounts" and len(loc) > 1 and isinstance(loc[1], int):
+            try:
+                address = data["accounts"][loc[1]].get("address")
+            except (KeyError, IndexError, AttributeError, TypeError):
+                address = None
+            if address:
+                loc = loc[:2] + tuple(p for p in loc[2:] if p not in ("function-after",))
+                prefix = f"{_describe(loc)} (account {address!r})"
+            else:
+                prefix = _describe(loc)
+        else:
+            prefix = _describe(loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt?)"
+        lines.append(f"  {prefix}: {msg}")
+    return "\n".join(lines)
+
+
+def resolve_config_path(explicit: str | os.PathLike[str] | None) -> tuple[Path, bool]:
+    """The file to read and whether the user named it (a named file must exist)."""
+    if explicit is not None:
+        return Path(explicit).expanduser(), True
+    if os.environ.get(ENV_CONFIG):
+        return Path(os.environ[ENV_CONFIG]).expanduser(), True
+    return default_config_path(), False
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> tuple[Settings, Path | None]:
+    """Load the settings; returns them and the file read (None: built-in defaults)."""
+    path, named = resolve_config_path(explicit)
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        used: Path | None = path
+    elif named:
+        raise ConfigError(f"{path}: no such file")
+    else:
+        used = None
+    token = _toml_path.set(used)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        where = str(used) if used else "configuration (environment)"
+        raise ConfigError(f"{where}: invalid configuration:\n{_format_errors(exc, data)}") from None
+    finally:
+        _toml_path.reset(token)
+    return settings, used

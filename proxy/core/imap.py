@@ -1,0 +1,310 @@
+"""The client side of an IMAP session before login, as a sans-IO state machine.
+
+Feed bytes with ``receive``; get back events: bytes to send, a login to carry out, a close.
+Once the shell reports the upstream login with ``login_accepted`` the core is done and hands
+over every byte it buffered but did not consume, to be relayed untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum, auto
+
+from .. import __version__
+from .events import Close, Event, LoginRequest, Send
+from .sasl import SaslError, decode_plain
+
+CAPABILITIES = "IMAP4rev1 AUTH=PLAIN SASL-IR ID LITERAL+"
+ACCEPTED = "CAPABILITY, NOOP, ID, LOGIN, AUTHENTICATE PLAIN and LOGOUT"
+
+_LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}$")
+# RFC 3501 atom: any CHAR except atom-specials; a tag additionally excludes "+".
+_ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
+_MAX_LITERALS = 4
+
+
+class State(Enum):
+    COMMAND = auto()  # reading a command line
+    LITERAL = auto()  # reading the bytes of a {n} literal
+    SASL = auto()  # waiting for the client's AUTHENTICATE response line
+    LOGIN = auto()  # the shell is logging in; input is buffered
+    DONE = auto()  # logged in: the rest is relayed
+    CLOSED = auto()
+
+
+class ClientError(Exception):
+    """A client mistake with the reply that explains it (without the tag)."""
+
+    def __init__(self, reply: str, *, fatal: bool = False) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.fatal = fatal
+
+
+@dataclass(frozen=True)
+class _Literal:
+    data: bytes
+
+
+_Token = bytes | str  # bytes: an atom; str: a quoted string or literal (decoded UTF-8)
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _tokenize(parts: list[bytes | _Literal]) -> list[_Token | None]:
+    """Split an assembled command into atoms and strings; None stands for a parenthesis."""
+    tokens: list[_Token | None] = []
+    for part in parts:
+        if isinstance(part, _Literal):
+            tokens.append(_utf8(part.data))
+            continue
+        i, n = 0, len(part)
+        while i < n:
+            c = part[i]
+            if c == 0x20:
+                i += 1
+            elif c in b"()":
+                tokens.append(None)
+                i += 1
+            elif c == 0x22:  # quoted string
+                out = bytearray()
+                i += 1
+                while True:
+                    if i >= n:
+                        raise ClientError("BAD Unterminated quoted string")
+                    c = part[i]
+                    if c == 0x5C:
+                        if i + 1 >= n or part[i + 1] not in b'"\\':
+                            raise ClientError('BAD Only \\" and \\\\ may be escaped in a string')
+                        out.append(part[i + 1])
+                        i += 2
+                    elif c == 0x22:
+                        i += 1
+                        break
+                    else:
+                        out.append(c)
+                        i += 1
+                tokens.append(_utf8(bytes(out)))
+            else:
+                start = i
+                while i < n and part[i] not in _ATOM_SPECIALS:
+                    i += 1
+                if i == start:
+                    raise ClientError(f"BAD Unexpected character {chr(c)!r} in command")
+                tokens.append(part[start:i])
+    return tokens
+
+
+def _utf8(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ClientError("BAD Strings must be UTF-8") from None
+
+
+class ImapLocal:
+    """Pre-login IMAP server dialogue. One instance per client connection."""
+
+    def __init__(self, *, max_line: int = 8192, max_literal: int = 8192,
+                 max_auth_failures: int = 5) -> None:
+        self.max_line = max_line
+        self.max_literal = max_literal
+        self.max_auth_failures = max_auth_failures
+        self.state = State.COMMAND
+        self._buf = bytearray()
+        self._parts: list[bytes | _Literal] = []
+        self._literal_left = 0
+        self._tag = ""
+        self._failures = 0
+
+    def greeting(self) -> bytes:
+        return f"* OK [CAPABILITY {CAPABILITIES}] mailproxy ready\r\n".encode()
+
+    # -- input -----------------------------------------------------------------------------
+
+    def receive(self, data: bytes) -> list[Event]:
+        if self.state in (State.DONE, State.CLOSED):
+            raise RuntimeError(f"receive() in state {self.state.name}")
+        self._buf += data
+        return self._process()
+
+    def timeout(self) -> list[Event]:
+        """The client stayed silent too long before logging in."""
+        return self._close("* BYE Autologout: idle for too long before login\r\n", "idle")
+
+    def _process(self) -> list[Event]:
+        events: list[Event] = []
+        while self.state in (State.COMMAND, State.LITERAL, State.SASL):
+            if self.state is State.LITERAL:
+                if len(self._buf) < self._literal_left:
+                    break
+                self._parts.append(_Literal(bytes(self._buf[: self._literal_left])))
+                del self._buf[: self._literal_left]
+                self.state = State.COMMAND
+                continue
+            end = self._buf.find(b"\n")
+            if end < 0:
+                if len(self._buf) > self.max_line:
+                    events += self._close("* BYE Command line too long\r\n", "line too long")
+                break
+            if end > self.max_line:
+                events += self._close("* BYE Command line too long\r\n", "line too long")
+                break
+            line = bytes(self._buf[:end]).removesuffix(b"\r")
+            del self._buf[: end + 1]
+            try:
+                if self.state is State.SASL:
+                    events += self._sasl_response(line)
+                else:
+                    events += self._command_line(line)
+            except ClientError as exc:
+                events += self._error(exc)
+        return events
+
+    def _command_line(self, line: bytes) -> list[Event]:
+        if not self._parts:  # a new command: know its tag early, for errors mid-literal
+            self._tag = self._peek_tag(line)
+        match = _LITERAL.search(line)
+        if match is None:
+            self._parts.append(line)
+            parts, self._parts = self._parts, []
+            return self._dispatch(parts)
+        size, non_sync = int(match.group(1)), bool(match.group(2))
+        self._parts.append(line[: match.start()])
+        too_many = sum(isinstance(p, _Literal) for p in self._parts) >= _MAX_LITERALS
+        if size > self.max_literal or too_many:
+            self._parts = []
+            what = "Too many literals" if too_many else \
+                f"Literal of {size} octets is larger than {self.max_literal} before login"
+            # A client sends a {n+} literal without waiting, so the stream cannot be resynced.
+            raise ClientError(f"BAD {what}", fatal=non_sync)
+        self.state = State.LITERAL
+        self._literal_left = size
+        return [] if non_sync else [Send(b"+ Ready for literal data\r\n")]
+
+    @staticmethod
+    def _peek_tag(first: bytes) -> str:
+        tag = first.split(b" ", 1)[0]
+        valid = tag and all(c not in _ATOM_SPECIALS and c != 0x2B for c in tag)
+        return tag.decode("ascii", "replace") if valid else ""
+
+    # -- commands --------------------------------------------------------------------------
+
+    def _dispatch(self, parts: list[bytes | _Literal]) -> list[Event]:
+        self._tag = self._peek_tag(parts[0]) if isinstance(parts[0], bytes) else ""
+        if not self._tag:
+            if parts == [b""]:
+                raise ClientError("BAD Empty command line")
+            raise ClientError("BAD Missing or invalid command tag")
+        tokens = _tokenize(parts)[1:]
+        if not tokens or not isinstance(tokens[0], bytes):
+            raise ClientError("BAD Missing command")
+        command = tokens[0].decode("ascii").upper()
+        args = tokens[1:]
+        tag = self._tag
+        if command == "CAPABILITY":
+            return [Send(f"* CAPABILITY {CAPABILITIES}\r\n{tag} OK CAPABILITY completed\r\n"
+                         .encode())]
+        if command == "NOOP":
+            return [Send(f"{tag} OK NOOP completed\r\n".encode())]
+        if command == "ID":
+            ident = f'("name" "mailproxy" "version" {_quote(__version__)})'
+            return [Send(f"* ID {ident}\r\n{tag} OK ID completed\r\n".encode())]
+        if command == "LOGOUT":
+            return self._close(f"* BYE mailproxy logging out\r\n{tag} OK LOGOUT completed\r\n",
+                               "logout")
+        if command == "LOGIN":
+            if len(args) != 2 or any(a is None for a in args):
+                raise ClientError("BAD LOGIN expects a user name and a password")
+            user, password = (_utf8(a) if isinstance(a, bytes) else a
+                              for a in args if a is not None)
+            return self._login(user, password, "LOGIN")
+        if command == "AUTHENTICATE":
+            return self._authenticate(args)
+        if command == "STARTTLS":
+            return [Send(f"{tag} NO STARTTLS is not available: this listener has no TLS "
+                         "configured; connect without TLS (it listens on this machine only)\r\n"
+                         .encode())]
+        raise ClientError(f"BAD {command} is not accepted before login; log in first "
+                          f"(accepted now: {ACCEPTED})")
+
+    def _authenticate(self, args: list[_Token | None]) -> list[Event]:
+        if not args or not isinstance(args[0], bytes):
+            raise ClientError("BAD AUTHENTICATE expects a mechanism name")
+        mechanism = args[0].decode("ascii").upper()
+        if mechanism != "PLAIN":
+            return [Send(f"{self._tag} NO Unsupported mechanism {mechanism}: "
+                         "only AUTHENTICATE PLAIN is accepted here\r\n".encode())]
+        if len(args) > 2:
+            raise ClientError("BAD AUTHENTICATE PLAIN takes at most one initial response")
+        if len(args) == 2:
+            response = args[1]
+            if response is None:
+                raise ClientError("BAD Invalid initial response")
+            raw = response if isinstance(response, bytes) else response.encode()
+            return self._plain(raw)
+        self.state = State.SASL
+        return [Send(b"+ \r\n")]
+
+    def _sasl_response(self, line: bytes) -> list[Event]:
+        self.state = State.COMMAND
+        if line.strip() == b"*":
+            raise ClientError("BAD AUTHENTICATE cancelled")
+        return self._plain(line)
+
+    def _plain(self, raw: bytes) -> list[Event]:
+        try:
+            creds = decode_plain(raw)
+        except SaslError as exc:
+            raise ClientError(f"BAD Invalid PLAIN response: {exc}") from None
+        if creds.authzid and creds.authzid != creds.username:
+            return [Send(f"{self._tag} NO [AUTHORIZATIONFAILED] Acting as another user "
+                         "(authzid) is not supported\r\n".encode())]
+        return self._login(creds.username, creds.password, "PLAIN")
+
+    def _login(self, user: str, password: str, mechanism: str) -> list[Event]:
+        self.state = State.LOGIN
+        return [LoginRequest(user, password, mechanism)]
+
+    # -- login outcome (from the shell) ----------------------------------------------------
+
+    def login_rejected(self, reply: str) -> list[Event]:
+        """Answer the pending login with ``reply`` (e.g. ``NO [UNAVAILABLE] ...``)."""
+        self._expect_login()
+        self.state = State.COMMAND
+        events: list[Event] = [Send(f"{self._tag} {reply}\r\n".encode())]
+        self._failures += 1
+        if self._failures >= self.max_auth_failures:
+            return events + self._close("* BYE Too many failed logins\r\n", "auth failures")
+        return events + self._process()
+
+    def login_accepted(self, capabilities: str | None) -> tuple[bytes, bytes]:
+        """The reply for the client and the bytes it sent after its login command."""
+        self._expect_login()
+        self.state = State.DONE
+        code = f"[CAPABILITY {capabilities}] " if capabilities else ""
+        trailing, self._buf = bytes(self._buf), bytearray()
+        return f"{self._tag} OK {code}Logged in\r\n".encode(), trailing
+
+    def _expect_login(self) -> None:
+        if self.state is not State.LOGIN:
+            raise RuntimeError(f"no login pending (state {self.state.name})")
+
+    # -- errors ----------------------------------------------------------------------------
+
+    def _error(self, exc: ClientError) -> list[Event]:
+        self.state = State.COMMAND
+        self._parts = []
+        tag = self._tag or "*"
+        events: list[Event] = [Send(f"{tag} {exc.reply}\r\n".encode())]
+        if exc.fatal:
+            events += self._close("* BYE Cannot continue after that error\r\n", exc.reply)
+        return events
+
+    def _close(self, text: str, reason: str) -> list[Event]:
+        self.state = State.CLOSED
+        self._buf.clear()
+        return [Send(text.encode()), Close(reason)]
