@@ -1,0 +1,134 @@
+"""Protocol-independent login: local password, access token, upstream login with one retry.
+
+Each protocol supplies an ``Upstream`` (connect, authenticate with a token) and maps a
+``Refusal`` to its own reply (IMAP ``NO [...]``, POP3 ``-ERR [...]``, SMTP ``5xx``/``4xx``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from .config import Account, Settings
+from .passwords import PasswordBook
+from .tokens.errors import AuthorizationRequired, TokenError
+from .tokens.manager import AccessToken, TokenManager
+
+log = logging.getLogger("mailproxy.login")
+
+RefusalKind = Literal["credentials", "authorization", "unavailable", "rejected"]
+
+
+class Refusal(Exception):
+    """Why a login is refused, in words for the person at the client."""
+
+    def __init__(self, kind: RefusalKind, text: str) -> None:
+        super().__init__(text)
+        self.kind = kind
+        self.text = text
+
+
+class UpstreamError(Exception):
+    """The upstream server cannot be reached or broke the protocol."""
+
+
+@dataclass(frozen=True)
+class UpstreamRejection:
+    text: str
+    temporary: bool
+
+
+class Upstream(Protocol):
+    description: str  # "imap.gmail.com:993", for messages
+
+    async def connect(self) -> None: ...
+
+    async def authenticate(self, token: str) -> UpstreamRejection | None: ...
+
+    def close(self) -> None: ...
+
+
+def authorize_hint(account: Account) -> str:
+    return f"run `mailproxy token import {account.address}`"
+
+
+@dataclass
+class Gate:
+    settings: Settings
+    passwords: PasswordBook
+    tokens: TokenManager
+
+    async def check_password(self, username: str, password: str) -> Account:
+        account = self.settings.account(username)
+        if account is None:
+            raise Refusal("credentials", "Invalid credentials")
+        if not self.passwords.has(account.key):
+            raise Refusal("credentials", f"no local password is set for {account.address}: "
+                          f"run `mailproxy password set {account.address}`")
+        if not await self.passwords.verify(account.key, password):
+            raise Refusal("credentials", "Invalid credentials")
+        return account
+
+    async def log_in(self, proto: str, username: str, password: str,
+                     make_upstream: Callable[[Account], Upstream]) -> tuple[Account, Upstream]:
+        """Check the local password, then log in upstream; raise ``Refusal`` if anything fails."""
+        started = time.monotonic()
+        try:
+            account = await self.check_password(username, password)
+        except Refusal as refusal:
+            log.warning("%s login refused for %r: %s", proto, username, refusal.text)
+            raise
+        upstream = make_upstream(account)
+        try:
+            await self._upstream_login(account, upstream)
+        except BaseException as exc:
+            upstream.close()
+            if isinstance(exc, Refusal):
+                log.warning("%s login for %s refused: %s", proto, account.address, exc.text)
+            raise
+        log.info("%s login for %s via %s in %.1f ms", proto, account.address,
+                 upstream.description, (time.monotonic() - started) * 1000)
+        return account, upstream
+
+    async def _upstream_login(self, account: Account, upstream: Upstream) -> None:
+        # Connect while the token is fetched: a login waits for the slower of the two only.
+        connecting = asyncio.create_task(upstream.connect())
+        try:
+            token = await self._token(account)
+            await connecting
+        except UpstreamError as exc:
+            raise Refusal("unavailable", f"cannot reach {upstream.description}: {exc}; "
+                          "try again later") from None
+        finally:
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+        rejection = await upstream.authenticate(token.value)
+        if rejection is not None and not rejection.temporary and not token.fresh:
+            # The server refused a token we thought valid (revoked, clock skew): refresh once.
+            log.info("%s refused the cached token for %s; refreshing", upstream.description,
+                     account.address)
+            token = await self._token(account, rejected=token.value)
+            rejection = await upstream.authenticate(token.value)
+        if rejection is None:
+            return
+        if rejection.temporary:
+            raise Refusal("unavailable", f"{upstream.description} is temporarily unavailable: "
+                          f"{rejection.text}")
+        raise Refusal("rejected", f"{upstream.description} refused a freshly refreshed token "
+                      f"for {account.address} ({rejection.text}); check that the mailbox allows "
+                      "this protocol and the app has the right scopes")
+
+    async def _token(self, account: Account, rejected: str | None = None) -> AccessToken:
+        try:
+            return await self.tokens.get_token(account.key, rejected=rejected)
+        except AuthorizationRequired as exc:
+            raise Refusal("authorization", f"account {account.address} is not authorized: "
+                          f"{exc.reason}; {authorize_hint(account)}") from None
+        except TokenError as exc:
+            raise Refusal("unavailable", f"cannot get an access token for {account.address}: "
+                          f"{exc.reason}; try again later") from None

@@ -1,0 +1,204 @@
+"""The thin asyncio shell around a connection: await bytes before login, splice after it.
+
+One ``Conn`` protocol serves both phases, so no byte read before the switch is lost: before the
+splice ``recv()`` hands out what arrived; ``splice()`` returns what is still buffered and from
+then on ``data_received`` writes straight into the peer's transport, with flow control in both
+directions and no per-chunk work beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from pathlib import Path
+
+# Before the splice, stop reading from a client that sends faster than we consume.
+_PRELOGIN_HIGH_WATER = 256 * 1024
+_WRITE_HIGH_WATER = 1024 * 1024
+
+
+class Conn(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: Conn | None = None
+        loop = asyncio.get_running_loop()
+        self.connected: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._buf = bytearray()
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused_reading = False
+        self._paused_writing = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.connected.done():
+            self.connected.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:
+            if peer.transport is not None:
+                peer.transport.write(data)
+            return
+        self._buf += data
+        if len(self._buf) > _PRELOGIN_HIGH_WATER and self.transport and not self._paused_reading:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        if self.peer is not None and self.peer.transport is not None:
+            # Mail protocols do not half-close: one side done means the session is done.
+            self.peer.transport.close()
+        return None  # close our transport too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        # Our transport's send buffer is full: stop reading what fills it.
+        self._paused_writing = True
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- before the splice -----------------------------------------------------------------
+
+    async def recv(self) -> bytes:
+        """Everything buffered so far, waiting for some if there is none; b"" at EOF."""
+        while not self._buf and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data, self._buf = bytes(self._buf), bytearray()
+        if self._paused_reading and self.transport is not None:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._paused_writing and self.transport is not None and \
+                not self.transport.is_closing():
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+async def splice(a: Conn, b: Conn, a_pending: bytes = b"", b_pending: bytes = b"") -> None:
+    """Relay between ``a`` and ``b`` until both are closed.
+
+    ``a_pending`` goes to ``a`` first (bytes ``b`` sent earlier), likewise ``b_pending``, then
+    whatever each side still had buffered unread.
+    """
+    assert a.transport is not None and b.transport is not None
+    for dst, src, pending in ((a, b, a_pending), (b, a, b_pending)):
+        leftover, src._buf = bytes(src._buf), bytearray()
+        if pending or leftover:
+            dst.write(pending + leftover)
+        if src._paused_reading:
+            src._paused_reading = False
+            src.transport.resume_reading()  # type: ignore[union-attr]
+        src.peer = dst
+        if src._eof or src.transport.is_closing():  # type: ignore[union-attr]
+            dst.close()
+    # A side whose send buffer was already full must hold its peer back from the start.
+    for side in (a, b):
+        if side._paused_writing and side.peer is not None and side.peer.transport is not None:
+            side.peer.transport.pause_reading()
+    try:
+        await asyncio.gather(asyncio.shield(a.closed), asyncio.shield(b.closed))
+    finally:
+        a.close()
+        b.close()
+
+
+def client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verification always on; ``ca_file`` adds trust anchors to the system's."""
+    context = ssl.create_default_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+async def open_connection(host: str, port: int, tls: ssl.SSLContext | None,
+                          timeout: float) -> Conn:
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        _, conn = await loop.create_connection(
+            Conn, host, port, ssl=tls, server_hostname=host if tls else None,
+            ssl_handshake_timeout=timeout if tls else None)
+    return conn
+
+
+async def start_tls(conn: Conn, context: ssl.SSLContext, host: str, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    assert conn.transport is not None
+    transport = await loop.start_tls(conn.transport, conn, context, server_hostname=host,
+                                     ssl_handshake_timeout=timeout)
+    if transport is None:
+        raise ConnectionError("connection closed during the TLS handshake")
+    conn.transport = transport
+
+
+def describe_error(exc: BaseException) -> str:
+    """A sentence for a person: why a connection failed."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error ({exc.reason or exc})"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return f"host name not found ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__

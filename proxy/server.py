@@ -1,0 +1,110 @@
+"""The daemon: listeners, the background token refresher, sessions, and a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+from .config import Settings, parse_hostport
+from .login import Gate
+from .net import Conn
+from .passwords import PasswordBook
+from .tokens.manager import TokenManager
+from .tokens.store import FileTokenStore
+
+log = logging.getLogger("mailproxy")
+
+LISTEN_BACKLOG = 4096
+SHUTDOWN_GRACE = 5.0
+
+Session = Callable[[Gate, Settings, Conn], Awaitable[None]]
+
+
+class Daemon:
+    def __init__(self, settings: Settings, gate: Gate | None = None) -> None:
+        self.settings = settings
+        if gate is None:
+            store = FileTokenStore(settings.state_dir)
+            gate = Gate(settings, PasswordBook(settings.state_dir),
+                        TokenManager(settings.accounts, store, settings.tokens))
+        self.gate = gate
+        self.servers: dict[str, asyncio.Server] = {}
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._sessions: set[asyncio.Task[None]] = set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def address(self, proto: str) -> tuple[str, int]:
+        sock = self.servers[proto].sockets[0]
+        host, port = sock.getsockname()[:2]
+        return host, port
+
+    async def run(self) -> None:
+        from .imap_session import imap_session
+
+        loop = asyncio.get_running_loop()
+        listeners: dict[str, tuple[str, Session]] = {
+            "imap": (self.settings.imap.listen, imap_session),
+        }
+        async with asyncio.TaskGroup() as tg:
+            for proto, (listen, session) in listeners.items():
+                host, port = parse_hostport(listen)
+                self.servers[proto] = await loop.create_server(
+                    self._factory(proto, session), host, port, backlog=LISTEN_BACKLOG,
+                    reuse_address=True)
+                log.info("%s listening on %s:%d", proto, *self.address(proto))
+            refresher = tg.create_task(self.gate.tokens.run(), name="token-refresher")
+            self.ready.set()
+            await self._stop.wait()
+            log.info("shutting down")
+            for server in self.servers.values():
+                server.close()
+            refresher.cancel()
+            await self._drain()
+        # Let a token request already on the wire finish, so a rotated token is not lost.
+        await self.gate.tokens.aclose()
+
+    def _factory(self, proto: str, session: Session) -> Callable[[], Conn]:
+        def make() -> Conn:
+            conn = Conn()
+            task = asyncio.get_running_loop().create_task(self._guard(proto, session, conn))
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+            return conn
+
+        return make
+
+    async def _guard(self, proto: str, session: Session, conn: Conn) -> None:
+        # The protocol factory runs before the transport is attached.
+        await conn.connected
+        try:
+            await session(self.gate, self.settings, conn)
+        except asyncio.CancelledError:
+            conn.abort()
+            raise
+        except Exception:
+            log.exception("%s session failed", proto)
+            conn.abort()
+        finally:
+            conn.close()
+
+    async def _drain(self) -> None:
+        """Give open sessions a moment to finish, then cut them off."""
+        if not self._sessions:
+            return
+        _, pending = await asyncio.wait(set(self._sessions), timeout=SHUTDOWN_GRACE)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def serve(settings: Settings) -> None:
+    daemon = Daemon(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.stop)
+    await daemon.run()

@@ -1,0 +1,150 @@
+"""Configuration loading: presets, custom providers, environment overrides, readable errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import main
+from proxy.config import ConfigError, load_config
+from proxy.providers import Server
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_config_loads_with_presets() -> None:
+    settings, path = load_config(ROOT / "config.example.toml")
+    assert path == ROOT / "config.example.toml"
+    gmail, o365 = settings.accounts
+    assert gmail.server("imap") == Server("imap.gmail.com", 993, "implicit")
+    assert gmail.token_url == "https://oauth2.googleapis.com/token"
+    assert gmail.scopes == ["https://mail.google.com/"]
+    assert o365.server("imap") == Server("outlook.office365.com", 993, "implicit")
+    assert o365.server("smtp") == Server("smtp.office365.com", 587, "starttls")
+    assert o365.token_url == "https://login.microsoftonline.com/organizations/oauth2/v2.0/token"
+    assert "offline_access" in (o365.scopes or [])
+
+
+def test_custom_provider_and_case_insensitive_lookup(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+state_dir = "~/mp-state"
+[[accounts]]
+address = "Me@Example.org"
+provider = "custom"
+client_id = "c"
+token_url = "http://127.0.0.1:8080/token"
+scopes = []
+imap_server = "mail.example.org:143"
+imap_tls = "starttls"
+""",
+    )
+    settings, _ = load_config(path)
+    account = settings.account("me@EXAMPLE.org")
+    assert account is not None and account.server("imap") == Server(
+        "mail.example.org", 143, "starttls"
+    )
+    assert settings.state_dir == Path("~/mp-state").expanduser()
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, '[imap]\nlisten = "127.0.0.1:1143"\n')
+    monkeypatch.setenv("MAILPROXY_IMAP__LISTEN", "127.0.0.1:2143")
+    monkeypatch.setenv("MAILPROXY_LOG_LEVEL", "debug")
+    settings, _ = load_config(path)
+    assert settings.imap.listen == "127.0.0.1:2143"
+    assert settings.log_level == "debug"
+
+
+def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, 'log_level = "error"\n')
+    monkeypatch.setenv("MAILPROXY_CONFIG", str(path))
+    settings, used = load_config()
+    assert used == path and settings.log_level == "error"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('[imap]\nlisten = "nope"\n', "imap.listen: expected 'host:port', got 'nope'"),
+        ('[imap]\nlisten = "127.0.0.1:99999"\n', "imap.listen: port 99999 is out of range"),
+        ("lisen = 1\n", "lisen: unknown key (misspelt?)"),
+        (
+            '[[accounts]]\naddress = "a@b.c"\nprovider = "yahoo"\nclient_id = "x"\n',
+            "accounts[0].provider (account 'a@b.c'): Input should be 'gmail', 'outlook', "
+            "'office365' or 'custom'",
+        ),
+        (
+            '[[accounts]]\naddress = "a@b.c"\nprovider = "custom"\nclient_id = "x"\n',
+            "provider 'custom' needs token_url and imap_server",
+        ),
+        (
+            '[[accounts]]\naddress = "a@b.c"\nprovider = "custom"\nclient_id = "x"\nscopes = []\n'
+            'imap_server = "h:993"\ntoken_url = "http://auth.example.com/token"\n',
+            "must be an https:// URL (http:// only on loopback)",
+        ),
+        ('[[accounts]]\naddress = "a@b.c"\nprovider = "gmail"\n', "client_id is required"),
+        (
+            '[[accounts]]\naddress = "a@b.c"\nprovider = "office365"\nclient_id = "x"\n'
+            'flow = "client_credentials"\n',
+            "flow 'client_credentials' needs `tenant`",
+        ),
+        (
+            '[[accounts]]\naddress = "a@b.c"\nprovider = "gmail"\nclient_id = "x"\n'
+            'ca_file = "/nonexistent.pem"\n',
+            "CA file '/nonexistent.pem' does not exist",
+        ),
+        (
+            '[[accounts]]\naddress = "a@b.c"\nprovider = "gmail"\nclient_id = "x"\n'
+            '[[accounts]]\naddress = "A@b.c"\nprovider = "gmail"\nclient_id = "x"\n',
+            "account 'A@b.c' is listed twice",
+        ),
+        ("[imap\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_file_key_and_problem(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    assert expected in message
+
+
+def test_cli_exits_2_with_message_not_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, '[imap]\nlisten = "nope"\n')
+    assert main(["run", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: invalid configuration" in err and "imap.listen" in err
+    assert "Traceback" not in err and "pydantic" not in err
+
+
+def test_named_config_must_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "missing.toml: no such file" in capsys.readouterr().err
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and "mailproxy 0.1.0" in capsys.readouterr().out
+    for argv in (
+        ["--help"],
+        ["run", "--help"],
+        ["password", "set", "--help"],
+        ["token", "import", "--help"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 0
+        assert "--config" in capsys.readouterr().out
