@@ -1,0 +1,64 @@
+"""Run the real proxy daemon inside a test's event loop, wired to the test servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.config import Account, ImapListener, Settings, TokenSettings
+from proxy.passwords import PasswordBook
+from proxy.server import Daemon
+from proxy.tokens.store import FileTokenStore, TokenState
+from tests.support.dovecot import Dovecot
+from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
+
+LOCAL_PASSWORD = "local pw \"quoted\" \\ ü"
+
+
+@dataclass
+class ProxyHarness:
+    state_dir: Path
+    token_server: TokenServer
+    dovecot: Dovecot
+
+    def account(self, address: str, *, tls: str = "implicit", trust_ca: bool = True,
+                port: int | None = None, **extra: Any) -> Account:
+        if port is None:
+            port = self.dovecot.imaps_port if tls == "implicit" else self.dovecot.imap_port
+        return Account(
+            address=address, provider="custom", client_id=TEST_CLIENT_ID,
+            client_secret=TEST_CLIENT_SECRET, token_url=self.token_server.token_url,
+            scopes=["mail"], imap_server=f"{self.dovecot.host}:{port}", imap_tls=tls,
+            ca_file=self.dovecot.ca_file if trust_ca else None, **extra)
+
+    def settings(self, *accounts: Account, **tokens: Any) -> Settings:
+        token_settings = {"retries": 1, **tokens}
+        return Settings(state_dir=self.state_dir, imap=ImapListener(listen="127.0.0.1:0"),
+                        tokens=TokenSettings(**token_settings), accounts=list(accounts))
+
+    def provision(self, address: str, password: str = LOCAL_PASSWORD) -> str:
+        """Set the local password and store a fresh refresh token; returns the token."""
+        key = address.casefold()
+        PasswordBook(self.state_dir).set(key, password)
+        refresh_token = self.token_server.authority.issue_refresh_token(address, TEST_CLIENT_ID)
+        FileTokenStore(self.state_dir).save(key, TokenState(refresh_token=refresh_token))
+        return refresh_token
+
+    @contextlib.asynccontextmanager
+    async def run(self, settings: Settings) -> AsyncIterator[Daemon]:
+        daemon = Daemon(settings)
+        task = asyncio.create_task(daemon.run())
+        ready = asyncio.create_task(daemon.ready.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            task.result()  # raises what stopped it
+        try:
+            yield daemon
+        finally:
+            daemon.stop()
+            await asyncio.wait_for(task, 30)
