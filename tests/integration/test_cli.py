@@ -1,0 +1,120 @@
+"""The command line as a user runs it: separate processes, a config file, standard input."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.dovecot import Dovecot, free_port
+from tests.support.imapclient import RawImap, tagged_status
+from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def mailproxy(*args: str, stdin: str = "", env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", *args], input=stdin, text=True,
+                          capture_output=True, cwd=ROOT, timeout=60, env=env)
+
+
+@pytest.fixture
+def config(tmp_path: Path, token_server: TokenServer, dovecot: Dovecot, mail_user: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f"""
+state_dir = "{tmp_path / 'state'}"
+[imap]
+listen = "127.0.0.1:{free_port()}"
+[[accounts]]
+address = "{mail_user}"
+provider = "custom"
+client_id = "{TEST_CLIENT_ID}"
+client_secret = "{TEST_CLIENT_SECRET}"
+token_url = "{token_server.token_url}"
+scopes = ["mail"]
+imap_server = "{dovecot.host}:{dovecot.imaps_port}"
+imap_tls = "implicit"
+ca_file = "{dovecot.ca_file}"
+""")
+    return path
+
+
+def listen_port(config: Path) -> int:
+    line = next(x for x in config.read_text().splitlines() if x.startswith("listen"))
+    return int(line.rsplit(":", 1)[1].rstrip('"'))
+
+
+async def test_password_import_run_login_and_clean_stop(
+        config: Path, token_server: TokenServer, mail_user: str) -> None:
+    done = mailproxy("password", "set", mail_user, "--config", str(config), stdin="local pw\n")
+    assert done.returncode == 0, done.stderr
+    rt = token_server.authority.issue_refresh_token(mail_user, TEST_CLIENT_ID)
+    done = mailproxy("token", "import", mail_user, "--config", str(config), stdin=rt + "\n")
+    assert done.returncode == 0, done.stderr
+    assert "token works" in done.stdout
+    state = config.parent / "state"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    files = [p for p in state.rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert not any(b"local pw" in p.read_bytes() for p in files)
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(config), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        port = listen_port(config)
+        for _ in range(100):
+            try:
+                client = await RawImap.connect("127.0.0.1", port)
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("mailproxy run did not start listening")
+        assert tagged_status(await client.login(mail_user, "local pw")).startswith(b"t1 OK")
+        assert tagged_status(await client.command("SELECT INBOX")).startswith(b"t2 OK")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+        await client.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    log = stderr.decode()
+    assert "imap listening on 127.0.0.1" in log and "shutting down" in log
+    assert "local pw" not in log and rt not in log and TEST_CLIENT_SECRET not in log
+
+
+def test_import_of_a_revoked_token_fails_clearly(config: Path, token_server: TokenServer,
+                                                 mail_user: str) -> None:
+    rt = token_server.authority.issue_refresh_token(mail_user, TEST_CLIENT_ID)
+    token_server.authority.revoke_refresh_token(rt)
+    done = mailproxy("token", "import", mail_user, "--config", str(config), stdin=rt + "\n")
+    assert done.returncode == 1
+    assert "refused this refresh token" in done.stderr and "invalid_grant" in done.stderr
+    assert "Traceback" not in done.stderr and rt not in done.stderr
+
+
+def test_unknown_account_and_empty_input(config: Path, mail_user: str) -> None:
+    done = mailproxy("password", "set", "nobody@example.test", "--config", str(config),
+                     stdin="pw\n")
+    assert done.returncode == 2
+    assert f"no account 'nobody@example.test' in the configuration (accounts: {mail_user})" \
+        in done.stderr
+    done = mailproxy("password", "set", mail_user, "--config", str(config), stdin="")
+    assert done.returncode == 2 and "nothing on standard input" in done.stderr
+
+
+def test_config_from_environment_variable(config: Path, mail_user: str) -> None:
+    env = {**os.environ, "MAILPROXY_CONFIG": str(config)}
+    done = mailproxy("password", "set", mail_user, stdin="pw\n", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"local password for {mail_user} set" in done.stdout
