@@ -10,7 +10,9 @@ from pathlib import Path
 
 import aioimaplib
 import pytest
+from pydantic import SecretStr
 
+from proxy.passwords import PasswordBook
 from proxy.tokens.store import FileTokenStore, TokenState
 from tests.support.dovecot import Dovecot, free_port
 from tests.support.imapclient import RawImap, tagged_status
@@ -344,4 +346,45 @@ async def test_closed_port_and_no_secrets_in_logs(harness: ProxyHarness, mail_us
         client = await connect(daemon.address("imap"))
         status = tagged_status(await client.login(mail_user, LOCAL_PASSWORD))
         assert b"NO [UNAVAILABLE]" in status and b"connection refused" in status
+        await client.close()
+
+
+@pytest.mark.parametrize("mechanism", ["xoauth2", "oauthbearer"])
+async def test_long_token_with_each_mechanism(harness: ProxyHarness, token_server: TokenServer,
+                                              mail_user: str, mechanism: str) -> None:
+    token_server.authority.access_token_length = 3000
+    harness.provision(mail_user)
+    account = harness.account(mail_user, sasl_mechanism=mechanism)
+    async with harness.run(harness.settings(account)) as daemon:
+        client = await connect(daemon.address("imap"))
+        assert tagged_status(await client.login(mail_user, LOCAL_PASSWORD)).startswith(b"t1 OK")
+        await client.close()
+    stored = FileTokenStore(harness.state_dir).load(mail_user)
+    assert stored.access_token is not None and len(stored.access_token) >= 3000
+
+
+async def test_client_credentials_account(harness: ProxyHarness, token_server: TokenServer,
+                                          mail_user: str) -> None:
+    app_id = f"app-{mail_user}"
+    token_server.authority.register_client(app_id, "app-secret", app_only_user=mail_user)
+    PasswordBook(harness.state_dir).set(mail_user, LOCAL_PASSWORD)  # no refresh token at all
+    account = harness.account(mail_user, flow="client_credentials").model_copy(
+        update={"client_id": app_id, "client_secret": SecretStr("app-secret")})
+    async with harness.run(harness.settings(account)) as daemon:
+        client = await connect(daemon.address("imap"))
+        status = tagged_status(await client.login(mail_user, LOCAL_PASSWORD))
+        assert status.startswith(b"t1 OK"), status
+        await client.close()
+    assert [r[0] for r in token_server.authority.requests_for()] == ["client_credentials"]
+
+
+async def test_idle_client_before_login_is_dropped_with_bye(harness: ProxyHarness) -> None:
+    settings = harness.settings()
+    settings.imap.login_timeout = 0.5
+    async with harness.run(settings) as daemon:
+        client = await connect(daemon.address("imap"))
+        async with asyncio.timeout(5):
+            assert await client.reader.readline() == \
+                b"* BYE Autologout: idle for too long before login\r\n"
+            assert await client.reader.read() == b""
         await client.close()
