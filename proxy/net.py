@@ -30,7 +30,6 @@ class Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._paused_writing = False
-        self._drain_waiter: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -67,8 +66,6 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._wake()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.close()
         if not self.closed.done():
@@ -84,8 +81,6 @@ class Conn(asyncio.Protocol):
         self._paused_writing = False
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
 
     # -- before the splice -----------------------------------------------------------------
 
@@ -107,12 +102,6 @@ class Conn(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    async def drain(self) -> None:
-        if self._paused_writing and self.transport is not None and \
-                not self.transport.is_closing():
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
-
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -120,10 +109,6 @@ class Conn(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
-
-    @property
-    def at_eof(self) -> bool:
-        return self._eof
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
