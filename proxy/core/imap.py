@@ -202,7 +202,7 @@ class ImapLocal:
         tokens = _tokenize(parts)[1:]
         if not tokens or not isinstance(tokens[0], bytes):
             raise ClientError("BAD Missing command")
-        command = tokens[0].decode("ascii").upper()
+        command = tokens[0].decode("ascii", "replace").upper()
         args = tokens[1:]
         tag = self._tag
         if command == "CAPABILITY":
@@ -234,7 +234,7 @@ class ImapLocal:
     def _authenticate(self, args: list[_Token | None]) -> list[Event]:
         if not args or not isinstance(args[0], bytes):
             raise ClientError("BAD AUTHENTICATE expects a mechanism name")
-        mechanism = args[0].decode("ascii").upper()
+        mechanism = args[0].decode("ascii", "replace").upper()
         if mechanism != "PLAIN":
             return [Send(f"{self._tag} NO Unsupported mechanism {mechanism}: "
                          "only AUTHENTICATE PLAIN is accepted here\r\n".encode())]

@@ -143,6 +143,10 @@ def test_starttls_gets_a_clear_no() -> None:
     (b'a LOGIN "open pw\r\n', b"a BAD Unterminated quoted string\r\n"),
     (b'a LOGIN u "\\n"\r\n', b'a BAD Only \\" and \\\\ may be escaped in a string\r\n'),
     (b"a LOGIN u \xff\xfe\r\n", b"a BAD Strings must be UTF-8\r\n"),
+    (b"a \xffLOGIN\r\n", b"a BAD \xef\xbf\xbdLOGIN is not accepted before login; log in first "
+     b"(accepted now: CAPABILITY, NOOP, ID, LOGIN, AUTHENTICATE PLAIN and LOGOUT)\r\n"),
+    (b"a AUTHENTICATE \xff\r\n",
+     b"a NO Unsupported mechanism \xef\xbf\xbd: only AUTHENTICATE PLAIN is accepted here\r\n"),
 ])
 def test_malformed_input_gets_bad_and_session_continues(line: bytes, reply: bytes) -> None:
     core = ImapLocal()
@@ -219,3 +223,30 @@ def test_too_many_failed_logins_close() -> None:
 
 def test_login_request_repr_hides_password() -> None:
     assert "hunter2" not in repr(LoginRequest("u", "hunter2", "LOGIN"))
+
+
+def test_random_input_never_raises_and_every_reply_is_well_formed() -> None:
+    """Junk, fragments and half-valid commands: the core answers, it never crashes."""
+    import random
+    import re
+
+    pieces = [b"a", b"LOGIN", b"AUTHENTICATE", b"PLAIN", b"{3}", b"{2+}", b"{99999}", b'"',
+              b"\\", b"(", b")", b" ", b"\r\n", b"\n", b"*", b"=", b"\x00", b"\xff", b"+",
+              b"CAPABILITY", b"ID", b"NIL", b"x" * 300, b"AAA=", b"NOOP", b"STARTTLS"]
+    reply = re.compile(rb"^(\* |\+ |[^\s(){%*\"\\\]+]+ )[^\r\n]*\r\n$")
+    rng = random.Random(1234)
+    for _ in range(3000):
+        core = ImapLocal(max_line=256, max_literal=64)
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 30)))
+        step = 1 if rng.random() < 0.3 else len(data)
+        events: list[Event] = []
+        for i in range(0, len(data), step):  # as the shell does: stop at a close
+            if core.state is State.CLOSED:
+                break
+            events += core.receive(data[i : i + step])
+            while core.state is State.LOGIN:
+                events += core.login_rejected("NO nope")
+        for event in events:
+            if isinstance(event, Send):
+                for line in event.data.splitlines(keepends=True):
+                    assert reply.match(line), (data, line)
