@@ -388,3 +388,18 @@ async def test_idle_client_before_login_is_dropped_with_bye(harness: ProxyHarnes
                 b"* BYE Autologout: idle for too long before login\r\n"
             assert await client.reader.read() == b""
         await client.close()
+
+
+async def test_background_refresh_runs_before_any_login(harness: ProxyHarness,
+                                                        token_server: TokenServer,
+                                                        mail_user: str) -> None:
+    harness.provision(mail_user)  # a refresh token, no access token yet
+    async with harness.run(harness.settings(harness.account(mail_user))) as daemon:
+        async with asyncio.timeout(10):
+            while not token_server.authority.requests_for("refresh_token"):
+                await asyncio.sleep(0.05)
+        client = await connect(daemon.address("imap"))
+        assert tagged_status(await client.login(mail_user, LOCAL_PASSWORD)).startswith(b"t1 OK")
+        await client.close()
+    # The login found the token the refresher had fetched: no request of its own.
+    assert len(token_server.authority.requests_for()) == 1
