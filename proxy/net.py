@@ -9,6 +9,7 @@ directions and no per-chunk work beyond that.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import ssl
 from pathlib import Path
@@ -143,8 +144,13 @@ async def splice(a: Conn, b: Conn, a_pending: bytes = b"", b_pending: bytes = b"
         b.close()
 
 
+@functools.lru_cache(maxsize=64)
 def client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """Verification always on; ``ca_file`` adds trust anchors to the system's."""
+    """Verification always on; ``ca_file`` adds trust anchors to the system's.
+
+    Cached: loading the system CA bundle costs ~20 ms, which a login must not pay. A changed
+    CA file takes effect at the next start.
+    """
     context = ssl.create_default_context()
     if ca_file is not None:
         context.load_verify_locations(cafile=str(ca_file))
