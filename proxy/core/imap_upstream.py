@@ -19,6 +19,7 @@ from .events import (
     StartTls,
     UpstreamFailed,
 )
+from .lines import LineReader
 from .sasl import (
     Mechanism,
     choose_mechanism,
@@ -27,7 +28,6 @@ from .sasl import (
     parse_failure_challenge,
 )
 
-MAX_LINE = 65536
 _CODE = re.compile(r"^\[([^\]]*)\]\s*")
 # Response codes after which a retry with a new token is pointless: the server is the problem.
 TEMPORARY_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE"})
@@ -45,9 +45,10 @@ class State(Enum):
     FAILED = auto()
 
 
-class ImapUpstream:
+class ImapUpstream(LineReader):
     def __init__(self, user: str, *, starttls: bool = False, mechanism: str = "auto",
                  host: str | None = None, port: int | None = None) -> None:
+        super().__init__()
         self.user = user
         self.starttls = starttls
         self.preference = mechanism
@@ -55,28 +56,20 @@ class ImapUpstream:
         self.state = State.GREETING
         self.capabilities: frozenset[str] = frozenset()
         self._post_login_caps: str | None = None
-        self._buf = bytearray()
         self._seq = 0
         self._tag = ""
         self._mechanism: Mechanism = "XOAUTH2"
         self._token = ""
         self._challenge: dict[str, object] = {}
 
-    def receive(self, data: bytes) -> list[Event]:
-        if self.state in (State.DONE, State.FAILED):
-            raise RuntimeError(f"receive() in state {self.state.name}")
-        self._buf += data
-        events: list[Event] = []
-        while self.state not in (State.DONE, State.FAILED, State.TLS, State.READY):
-            end = self._buf.find(b"\n")
-            if end < 0:
-                if len(self._buf) > MAX_LINE:
-                    events.append(self._fail("server sent an over-long line"))
-                break
-            raw = bytes(self._buf[:end]).removesuffix(b"\r")
-            del self._buf[: end + 1]
-            events += self._line(raw.decode("utf-8", "replace"))
-        return events
+    def _reading(self) -> bool:
+        return self.state not in (State.DONE, State.FAILED, State.TLS, State.READY)
+
+    def _finished(self) -> bool:
+        return self.state in (State.DONE, State.FAILED)
+
+    def _state_name(self) -> str:
+        return self.state.name
 
     def tls_established(self) -> list[Event]:
         """The shell finished the TLS handshake; capabilities seen before it are void."""

@@ -403,3 +403,15 @@ async def test_background_refresh_runs_before_any_login(harness: ProxyHarness,
         await client.close()
     # The login found the token the refresher had fetched: no request of its own.
     assert len(token_server.authority.requests_for()) == 1
+
+
+async def test_account_without_imap_server_gets_a_clear_no(harness: ProxyHarness,
+                                                           mail_user: str) -> None:
+    harness.provision(mail_user)
+    pop3_only = harness.account(mail_user).model_copy(update={"imap_server": None})
+    async with harness.run(harness.settings(pop3_only)) as daemon:
+        client = await connect(daemon.address("imap"))
+        status = tagged_status(await client.login(mail_user, LOCAL_PASSWORD)).decode()
+        assert status == (f"t1 NO [CANNOT] account {mail_user} has no imap_server configured; "
+                          "add one to use it over IMAP")
+        await client.close()

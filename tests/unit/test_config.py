@@ -84,7 +84,12 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ),
         (
             '[[accounts]]\naddress = "a@b.c"\nprovider = "custom"\nclient_id = "x"\n',
-            "provider 'custom' needs token_url and imap_server",
+            "provider 'custom' needs token_url",
+        ),
+        (
+            '[[accounts]]\naddress = "a@b.c"\nprovider = "custom"\nclient_id = "x"\nscopes = []\n'
+            'token_url = "https://auth.example.com/token"\n',
+            "provider 'custom' needs at least one of imap_server, pop3_server, smtp_server",
         ),
         (
             '[[accounts]]\naddress = "a@b.c"\nprovider = "custom"\nclient_id = "x"\nscopes = []\n'

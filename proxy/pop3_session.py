@@ -1,0 +1,48 @@
+"""A POP3 client session: run the local core, log in upstream, then splice."""
+
+from __future__ import annotations
+
+import logging
+
+from .config import Account, Settings
+from .core.pop3 import Pop3Local
+from .core.pop3_upstream import Pop3Upstream
+from .login import Gate, Refusal
+from .net import Conn
+from .session import serve_client
+from .upstream import UPSTREAM_TIMEOUT, NoServer, UpstreamSession, server_for
+
+log = logging.getLogger("mailproxy.pop3")
+
+# RFC 3206 response codes: [AUTH] tells the client the credentials are at fault (ask the
+# person), [SYS/TEMP] that it should just try again later.
+_CODES = {
+    "credentials": "-ERR [AUTH]",
+    "authorization": "-ERR [AUTH]",
+    "rejected": "-ERR [AUTH]",
+    "unavailable": "-ERR [SYS/TEMP]",
+}
+
+
+class Pop3UpstreamSession(UpstreamSession):
+    """Upstream POP3 login for one account (the ``login.Upstream`` interface)."""
+
+    def __init__(self, account: Account, timeout: float = UPSTREAM_TIMEOUT) -> None:
+        server = server_for(account, "pop3")
+        core = Pop3Upstream(account.sasl_user, starttls=server.tls == "starttls",
+                            mechanism=account.sasl_mechanism, host=server.host, port=server.port)
+        super().__init__(server, core, account.ca_file, timeout)
+
+
+def _reply(refusal: Refusal) -> str:
+    # A configuration gap is permanent and not the password's fault: [SYS/PERM].
+    if isinstance(refusal, NoServer):
+        log.warning("pop3 login refused: %s", refusal.text)
+    code = "-ERR [SYS/PERM]" if isinstance(refusal, NoServer) else _CODES[refusal.kind]
+    return f"{code} {refusal.text}"
+
+
+async def pop3_session(gate: Gate, settings: Settings, client: Conn) -> None:
+    await serve_client(gate, client, Pop3Local(), proto="pop3",
+                       login_timeout=settings.pop3.login_timeout,
+                       make_upstream=Pop3UpstreamSession, reply_for=_reply)

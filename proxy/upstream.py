@@ -1,0 +1,119 @@
+"""The asyncio side of an upstream login, for any protocol: connect, run the sans-IO login
+core until it reaches a verdict, and keep the connection for the splice (``login.Upstream``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from pathlib import Path
+from typing import Literal, Protocol
+
+from .config import Account
+from .core.events import (
+    Event,
+    LoggedIn,
+    ReadyToAuthenticate,
+    Rejected,
+    Send,
+    StartTls,
+    UpstreamFailed,
+)
+from .login import Refusal, UpstreamError, UpstreamRejection
+from .net import Conn, client_tls_context, describe_error, open_connection, start_tls
+from .providers import Server
+
+UPSTREAM_TIMEOUT = 30.0
+
+
+class LoginCore(Protocol):
+    """What ``ImapUpstream`` and ``Pop3Upstream`` have in common."""
+
+    def receive(self, data: bytes) -> list[Event]: ...
+
+    def tls_established(self) -> list[Event]: ...
+
+    def authenticate(self, token: str) -> list[Event]: ...
+
+
+class NoServer(Refusal):
+    """The account names no server for this protocol (a ``custom`` account without one)."""
+
+    def __init__(self, account: Account, proto: str) -> None:
+        super().__init__("rejected", f"account {account.address} has no {proto}_server "
+                         f"configured; add one to use it over {proto.upper()}")
+
+
+def server_for(account: Account, proto: Literal["imap", "pop3", "smtp"]) -> Server:
+    server = account.server(proto)
+    if server is None:
+        raise NoServer(account, proto)
+    return server
+
+
+class UpstreamSession:
+    """Upstream login for one account with one protocol core."""
+
+    def __init__(self, server: Server, core: LoginCore, ca_file: Path | None,
+                 timeout: float = UPSTREAM_TIMEOUT) -> None:
+        self.server = server
+        self.description = str(server)
+        self.timeout = timeout
+        self.tls = client_tls_context(ca_file)
+        self.core = core
+        self.conn: Conn | None = None
+        self.logged_in: LoggedIn | None = None
+
+    async def connect(self) -> None:
+        try:
+            self.conn = await open_connection(
+                self.server.host, self.server.port,
+                self.tls if self.server.tls == "implicit" else None, self.timeout)
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamError(describe_error(exc)) from None
+        event = await self._run([])
+        if not isinstance(event, ReadyToAuthenticate):
+            raise UpstreamError(self._reason(event))
+
+    async def authenticate(self, token: str) -> UpstreamRejection | None:
+        event = await self._run(self.core.authenticate(token))
+        if isinstance(event, LoggedIn):
+            self.logged_in = event
+            return None
+        if isinstance(event, Rejected):
+            return UpstreamRejection(event.text, event.temporary)
+        raise Refusal("unavailable", f"{self.description}: {self._reason(event)}")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+    async def _run(self, events: list[Event]) -> Event:
+        """Carry out the core's events until it reaches a verdict."""
+        conn = self.conn
+        assert conn is not None
+        queue = deque(events)
+        while True:
+            while queue:
+                event = queue.popleft()
+                if isinstance(event, Send):
+                    conn.write(event.data)
+                elif isinstance(event, StartTls):
+                    try:
+                        await start_tls(conn, self.tls, self.server.host, self.timeout)
+                    except (OSError, TimeoutError) as exc:
+                        return UpstreamFailed(f"STARTTLS failed: {describe_error(exc)}")
+                    queue.extend(self.core.tls_established())
+                else:
+                    return event
+            try:
+                async with asyncio.timeout(self.timeout):
+                    data = await conn.recv()
+            except TimeoutError:
+                return UpstreamFailed("no answer from the server")
+            if not data:
+                return UpstreamFailed("the server closed the connection")
+            queue.extend(self.core.receive(data))
+
+    @staticmethod
+    def _reason(event: Event) -> str:
+        return event.reason if isinstance(event, UpstreamFailed) else f"unexpected {event!r}"
