@@ -95,6 +95,20 @@ class ImapListener(_Strict):
     login_timeout: float = Field(default=60.0, gt=0)
 
 
+class Pop3Listener(_Strict):
+    # POP3 lines are limited by the protocol (255 octets), so there is nothing else to set.
+    listen: HostPort = "127.0.0.1:1110"
+    login_timeout: float = Field(default=60.0, gt=0)
+
+
+class SmtpListener(_Strict):
+    listen: HostPort = "127.0.0.1:1587"
+    # Largest message accepted, in bytes; 0: the upstream server's SIZE.
+    max_message_size: int = Field(default=0, ge=0)
+    # Seconds a client may stay silent (before and after login) before it is disconnected.
+    idle_timeout: float = Field(default=300.0, gt=0)
+
+
 class TokenSettings(_Strict):
     # Refresh this many seconds before an access token expires, minus up to `jitter` seconds.
     refresh_before: float = Field(default=300.0, ge=0)
@@ -124,6 +138,8 @@ class Account(_Strict):
     pop3_tls: TlsMode | None = None
     smtp_server: HostPort | None = None
     smtp_tls: TlsMode | None = None
+    # Recipients per message; default: the provider's limit (none for custom: the server decides).
+    smtp_max_recipients: int | None = Field(default=None, ge=1)
     # A CA bundle to trust for the upstream mail servers (private CA, interception proxy, tests).
     # Certificates are always verified; this only adds trust anchors.
     ca_file: Path | None = None
@@ -151,9 +167,11 @@ class Account(_Strict):
     def _complete(self) -> Account:
         preset = PRESETS.get(self.provider)
         if preset is None:  # custom: the account gives everything it uses
-            missing = [k for k in ("token_url", "imap_server") if getattr(self, k) is None]
-            if missing:
-                raise ValueError(f"provider 'custom' needs {' and '.join(missing)}")
+            if self.token_url is None:
+                raise ValueError("provider 'custom' needs token_url")
+            if not (self.imap_server or self.pop3_server or self.smtp_server):
+                raise ValueError("provider 'custom' needs at least one of imap_server, "
+                                 "pop3_server, smtp_server")
             if self.scopes is None:
                 raise ValueError("provider 'custom' needs scopes (a list, may be empty)")
         else:
@@ -171,6 +189,8 @@ class Account(_Strict):
             if self.scopes is None:
                 app_only = self.flow == "client_credentials" and preset.app_only_scopes
                 self.scopes = list(preset.app_only_scopes if app_only else preset.scopes)
+            if self.smtp_max_recipients is None:
+                self.smtp_max_recipients = preset.smtp_max_recipients
             for proto in ("imap", "pop3", "smtp"):
                 server: Server = getattr(preset, proto)
                 if getattr(self, f"{proto}_server") is None:
@@ -219,6 +239,8 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=_default_state_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     imap: ImapListener = ImapListener()
+    pop3: Pop3Listener = Pop3Listener()
+    smtp: SmtpListener = SmtpListener()
     tokens: TokenSettings = TokenSettings()
     accounts: list[Account] = []
 

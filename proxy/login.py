@@ -94,6 +94,15 @@ class Gate:
                  upstream.description, (time.monotonic() - started) * 1000)
         return account, upstream
 
+    async def relogin(self, account: Account, upstream: Upstream) -> None:
+        """Log a new ``upstream`` in for a client whose local password was already checked
+        (SMTP reconnects between messages); raise ``Refusal`` if that fails."""
+        try:
+            await self._upstream_login(account, upstream)
+        except BaseException:
+            upstream.close()
+            raise
+
     async def _upstream_login(self, account: Account, upstream: Upstream) -> None:
         # Connect while the token is fetched: a login waits for the slower of the two only.
         connecting = asyncio.create_task(upstream.connect())

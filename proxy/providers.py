@@ -35,6 +35,8 @@ class Preset:
     scopes: tuple[str, ...]
     app_only_scopes: tuple[str, ...] = ()
     default_tenant: str | None = None
+    # Recipients per message the provider's SMTP submission accepts.
+    smtp_max_recipients: int | None = None
     # Extra authorization request parameters (Google needs offline access to issue a refresh token).
     authorize_params: dict[str, str] = field(default_factory=dict)
 
@@ -58,6 +60,7 @@ PRESETS: dict[str, Preset] = {
         device_authorization_url=None,
         scopes=("https://mail.google.com/",),
         authorize_params={"access_type": "offline", "prompt": "consent"},
+        smtp_max_recipients=100,
     ),
     "office365": Preset(
         imap=Server("outlook.office365.com", 993, "implicit"),
@@ -69,6 +72,7 @@ PRESETS: dict[str, Preset] = {
         scopes=_MS_DELEGATED,
         app_only_scopes=("https://outlook.office365.com/.default",),
         default_tenant="organizations",
+        smtp_max_recipients=500,
     ),
     "outlook": Preset(
         imap=Server("outlook.office365.com", 993, "implicit"),
@@ -79,5 +83,6 @@ PRESETS: dict[str, Preset] = {
         device_authorization_url=_MS_LOGIN + "/devicecode",
         scopes=_MS_DELEGATED,
         default_tenant="consumers",
+        smtp_max_recipients=100,
     ),
 }

@@ -45,10 +45,13 @@ class Daemon:
 
     async def run(self) -> None:
         from .imap_session import imap_session
+        from .pop3_session import pop3_session
+        from .smtp import SmtpService
 
         loop = asyncio.get_running_loop()
         listeners: dict[str, tuple[str, Session]] = {
             "imap": (self.settings.imap.listen, imap_session),
+            "pop3": (self.settings.pop3.listen, pop3_session),
         }
         async with asyncio.TaskGroup() as tg:
             for proto, (listen, session) in listeners.items():
@@ -57,6 +60,11 @@ class Daemon:
                     self._factory(proto, session), host, port, backlog=LISTEN_BACKLOG,
                     reuse_address=True)
                 log.info("%s listening on %s:%d", proto, *self.address(proto))
+            # aiosmtpd brings its own protocol class: its connections are drained by the service.
+            smtp = SmtpService(self.gate, self.settings)
+            self.servers["smtp"] = await smtp.start(
+                *parse_hostport(self.settings.smtp.listen), backlog=LISTEN_BACKLOG)
+            log.info("smtp listening on %s:%d", *self.address("smtp"))
             refresher = tg.create_task(self.gate.tokens.run(), name="token-refresher")
             self.ready.set()
             await self._stop.wait()
@@ -64,7 +72,7 @@ class Daemon:
             for server in self.servers.values():
                 server.close()
             refresher.cancel()
-            await self._drain()
+            await asyncio.gather(self._drain(), smtp.drain(SHUTDOWN_GRACE))
         # Let a token request already on the wire finish, so a rotated token is not lost.
         await self.gate.tokens.aclose()
 

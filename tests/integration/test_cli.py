@@ -32,6 +32,10 @@ def config(tmp_path: Path, token_server: TokenServer, dovecot: Dovecot, mail_use
 state_dir = "{tmp_path / 'state'}"
 [imap]
 listen = "127.0.0.1:{free_port()}"
+[pop3]
+listen = "127.0.0.1:{free_port()}"
+[smtp]
+listen = "127.0.0.1:{free_port()}"
 [[accounts]]
 address = "{mail_user}"
 provider = "custom"

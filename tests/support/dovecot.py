@@ -1,5 +1,9 @@
 """A private Dovecot 2.3 instance for integration tests (IMAP and POP3, XOAUTH2/OAUTHBEARER).
 
+It also listens for LMTP and for SASL auth clients on loopback ports, so a private Postfix
+(:mod:`tests.support.postfix`) can log in with the same oauth2 passdb and deliver into the
+same mailboxes.
+
 Dovecot's ``oauth2`` passdb validates access tokens by RFC 7662 introspection against the
 test token server (:mod:`tests.support.tokenserver`). Everything lives in one temporary
 directory: config, base_dir, logs and the mailboxes. Listeners are on random free
@@ -79,8 +83,11 @@ class Dovecot:
         self.imaps_port = free_port()
         self.pop3_port = free_port()
         self.pop3s_port = free_port()
+        self.lmtp_port = free_port()
+        # Dovecot's auth protocol for an MTA (Postfix smtpd_sasl_type = dovecot).
+        self.auth_port = free_port()
         # Add "submission" (and its listener block in _config) here when needed.
-        self.protocols = ["imap", "pop3"]
+        self.protocols = ["imap", "pop3", "lmtp"]
         self.config_path = root / "dovecot.conf"
         self.oauth2_conf_path = root / "dovecot-oauth2.conf.ext"
         self.base_dir = root / "run"
@@ -113,6 +120,8 @@ class Dovecot:
             "imaps": self.imaps_port,
             "pop3": self.pop3_port,
             "pop3s": self.pop3s_port,
+            "lmtp": self.lmtp_port,
+            "auth": self.auth_port,
         }
 
     def _config(self) -> str:
@@ -155,7 +164,8 @@ passdb {{
 }}
 userdb {{
   driver = static
-  args = uid={self.mail_uid} gid={self.mail_gid} home={self.mail_root}/%u
+  # allow_all_users: LMTP accepts any address Postfix passes on (Postfix decides who exists).
+  args = uid={self.mail_uid} gid={self.mail_gid} home={self.mail_root}/%u allow_all_users=yes
 }}
 # mail group: {mail_group}
 
@@ -197,6 +207,16 @@ service pop3 {{
 }}
 service auth {{
   client_limit = 4096
+  inet_listener auth-mta {{
+    address = {self.host}
+    port = {self.auth_port}
+  }}
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = {self.host}
+    port = {self.lmtp_port}
+  }}
 }}
 service anvil {{
   client_limit = 4096

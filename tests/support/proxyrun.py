@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Account, ImapListener, Settings, TokenSettings
+from proxy.config import (
+    Account,
+    ImapListener,
+    Pop3Listener,
+    Settings,
+    SmtpListener,
+    TokenSettings,
+)
 from proxy.passwords import PasswordBook
 from proxy.server import Daemon
 from proxy.tokens.store import FileTokenStore, TokenState
@@ -26,18 +33,27 @@ class ProxyHarness:
     dovecot: Dovecot
 
     def account(self, address: str, *, tls: str = "implicit", trust_ca: bool = True,
-                port: int | None = None, **extra: Any) -> Account:
+                port: int | None = None, pop3_tls: str = "implicit",
+                pop3_port: int | None = None, **extra: Any) -> Account:
+        """An account on the test Dovecot; ``tls``/``port`` pick the IMAP server,
+        ``pop3_tls``/``pop3_port`` the POP3 one."""
         if port is None:
             port = self.dovecot.imaps_port if tls == "implicit" else self.dovecot.imap_port
+        if pop3_port is None:
+            pop3_port = self.dovecot.pop3s_port if pop3_tls == "implicit" \
+                else self.dovecot.pop3_port
         return Account(
             address=address, provider="custom", client_id=TEST_CLIENT_ID,
             client_secret=TEST_CLIENT_SECRET, token_url=self.token_server.token_url,
             scopes=["mail"], imap_server=f"{self.dovecot.host}:{port}", imap_tls=tls,
+            pop3_server=f"{self.dovecot.host}:{pop3_port}", pop3_tls=pop3_tls,
             ca_file=self.dovecot.ca_file if trust_ca else None, **extra)
 
     def settings(self, *accounts: Account, **tokens: Any) -> Settings:
         token_settings = {"retries": 1, **tokens}
         return Settings(state_dir=self.state_dir, imap=ImapListener(listen="127.0.0.1:0"),
+                        pop3=Pop3Listener(listen="127.0.0.1:0"),
+                        smtp=SmtpListener(listen="127.0.0.1:0"),
                         tokens=TokenSettings(**token_settings), accounts=list(accounts))
 
     def provision(self, address: str, password: str = LOCAL_PASSWORD) -> str:

@@ -1,0 +1,360 @@
+"""The local SMTP side: aiosmtpd on the daemon's own event loop, relaying one to one.
+
+``SmtpFront`` (an aiosmtpd ``SMTP`` per connection) does AUTH PLAIN/LOGIN itself so the login
+can await the gate; ``Relay`` (its handler) owns the upstream session and forwards MAIL, RCPT
+and DATA, answering with the upstream's own reply. A message is acknowledged with 250 only
+when the upstream's reply to the end of DATA was 250: any failure on the way gives a 4xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import socket
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+
+from .. import __version__
+from ..config import Account, Settings
+from ..login import Gate, Refusal
+from .replies import add_enhanced_codes, format_reply, refusal_reply
+from .upstream import SmtpUpstreamSession, UpstreamGone, one_line
+
+log = logging.getLogger("mailproxy.smtp")
+
+# Without a configured limit and before any upstream told us its SIZE.
+DEFAULT_SIZE = 35 * 1024 * 1024
+# aiosmtpd's own per-command logging would show addresses at INFO; we log our own summary.
+logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+class Relay:
+    """aiosmtpd handler for one client connection: the upstream session and the relay."""
+
+    def __init__(self, service: SmtpService) -> None:
+        self.service = service
+        self.gate = service.gate
+        self.account: Account | None = None
+        self.upstream: SmtpUpstreamSession | None = None
+        # The upstream dropped inside the current transaction: 4xx until RSET or MAIL.
+        self.broken = False
+        # The upstream accepted MAIL and has not seen the end of the transaction yet.
+        self.in_transaction = False
+
+    @property
+    def description(self) -> str:
+        return self.upstream.description if self.upstream else "the upstream server"
+
+    def attach(self, account: Account, upstream: SmtpUpstreamSession) -> None:
+        self.account, self.upstream = account, upstream
+        self.service.learn_size(upstream.size_limit)
+
+    def close(self) -> None:
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def _lost(self, reason: str) -> str:
+        log.warning("smtp: connection to %s lost during a transaction: %s", self.description,
+                    reason)
+        self.broken = True
+        self.in_transaction = False
+        return format_reply(451, f"connection to {self.description} lost ({reason}); nothing "
+                            "was sent, please try again", "4.4.2")
+
+    async def _reconnect(self) -> None:
+        assert self.account is not None
+        if self.upstream is not None:
+            self.upstream.close()
+        upstream = SmtpUpstreamSession(self.account)
+        await self.gate.relogin(self.account, upstream)
+        log.info("smtp: reconnected to %s for %s", upstream.description, self.account.address)
+        self.upstream = upstream
+
+    # -- aiosmtpd hooks ------------------------------------------------------------------
+
+    async def handle_EHLO(self, server: SmtpFront, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.in_transaction:
+            await self._reset_upstream()  # EHLO resets the transaction (RFC 5321 4.1.4)
+        keywords = [r[4:] for r in responses[1:]]
+        keep = [k for k in keywords if k.split(" ")[0] not in ("SIZE", "HELP", "STARTTLS")]
+        lines = [responses[0], f"250-SIZE {server.size_to_advertise()}", *keep,
+                 "250-ENHANCEDSTATUSCODES"]
+        lines = [line if line.startswith("250-") else f"250-{line}" for line in lines]
+        lines[-1] = "250 " + lines[-1][4:]
+        return lines
+
+    async def handle_MAIL(self, server: SmtpFront, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        upstream = self.upstream
+        if upstream is None:
+            return "530 5.7.0 Authentication required"
+        self.broken = False
+        for attempt in (1, 2):
+            try:
+                if not upstream.connected:
+                    await self._reconnect()
+                    assert self.upstream is not None
+                    upstream = self.upstream
+                response = await upstream.mail(address, options)
+            except Refusal as refusal:
+                return refusal_reply(refusal)
+            except UpstreamGone as exc:
+                # Nothing is in flight before MAIL: reconnect once, transparently.
+                if attempt == 2:
+                    return format_reply(451, f"connection to {self.description} lost "
+                                        f"({exc}); please try again", "4.4.2")
+                log.info("smtp: %s dropped the idle connection (%s); reconnecting",
+                         upstream.description, exc)
+                upstream.close()
+                continue
+            break
+        if response.code == 250:
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+            self.in_transaction = True
+        return format_reply(response.code, response.message)
+
+    async def handle_RCPT(self, server: SmtpFront, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        assert self.upstream is not None and self.account is not None
+        if self.broken:
+            return self._lost("earlier in this transaction")
+        cap = self.account.smtp_max_recipients
+        if cap is not None and len(envelope.rcpt_tos) >= cap:
+            return format_reply(452, f"too many recipients: {self.description} takes at most "
+                                f"{cap} per message; send the rest in another message", "4.5.3")
+        try:
+            response = await self.upstream.rcpt(address, options)
+        except UpstreamGone as exc:
+            return self._lost(str(exc))
+        if response.code in (250, 251):
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+        return format_reply(response.code, response.message)
+
+    async def handle_DATA(self, server: SmtpFront, session: Session, envelope: Envelope) -> str:
+        assert self.upstream is not None and self.account is not None
+        if self.broken:
+            return self._lost("earlier in this transaction")
+        content = envelope.original_content or b""
+        try:
+            response = await self.upstream.data(content)
+        except UpstreamGone as exc:
+            return self._lost(str(exc))
+        finally:
+            self.in_transaction = False
+        log.info("smtp: %s -> %d recipient(s) via %s, %d bytes: %s", self.account.address,
+                 len(envelope.rcpt_tos), self.description, len(content), one_line(response))
+        return format_reply(response.code, response.message)
+
+    async def _reset_upstream(self) -> str:
+        self.broken = self.in_transaction = False
+        if self.upstream is not None and self.upstream.connected:
+            try:
+                response = await self.upstream.command(b"RSET")
+            except UpstreamGone:
+                pass  # the next MAIL reconnects
+            else:
+                return format_reply(response.code, response.message)
+        return "250 2.0.0 OK"
+
+    async def handle_RSET(self, server: SmtpFront, session: Session, envelope: Envelope) -> str:
+        return await self._reset_upstream()
+
+    async def handle_NOOP(self, server: SmtpFront, session: Session, envelope: Envelope,
+                          arg: str) -> str:
+        return "250 2.0.0 OK"
+
+    async def handle_QUIT(self, server: SmtpFront, session: Session, envelope: Envelope) -> str:
+        if self.upstream is not None:
+            await self.upstream.quit()
+        return "221 2.0.0 Bye"
+
+    async def handle_VRFY(self, server: SmtpFront, session: Session, envelope: Envelope,
+                          address: str) -> str:
+        return "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("smtp session error: %s", error, exc_info=error)
+        # Never anything that could read as success: the client keeps the message and retries.
+        return "451 4.3.0 Internal error in mailproxy; please try again"
+
+
+class SmtpFront(SMTP):
+    """aiosmtpd's SMTP with our AUTH (awaiting the gate) and RFC 2034 reply codes."""
+
+    AuthLoginUsernameChallenge = "Username:"
+    AuthLoginPasswordChallenge = "Password:"
+
+    def __init__(self, relay: Relay, settings: Settings, hostname: str) -> None:
+        super().__init__(
+            relay, hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
+            data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
+            timeout=settings.smtp.idle_timeout, auth_require_tls=False,
+            loop=asyncio.get_running_loop())
+        # Set after __init__: passing auth_required with auth_require_tls=False makes
+        # aiosmtpd warn on every connection. The listener is meant for loopback.
+        self._auth_required = True
+        self.relay = relay
+        self.settings = settings
+        self._verbatim = False
+
+    def size_to_advertise(self) -> int:
+        if self.data_size_limit:
+            return self.data_size_limit
+        return self.settings.smtp.max_message_size or self.relay.service.size_hint or DEFAULT_SIZE
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd just closes; say why first (RFC 5321 4.5.3.2: the server may time out).
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(b"421 4.4.2 Idle for too long, closing connection\r\n")
+            transport.close()  # connection_lost() cleans up, as in aiosmtpd's own callback
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        self.relay.close()
+        self.relay.service.fronts.discard(self)
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str):
+            if not self._verbatim:
+                status = add_enhanced_codes(status)
+            await super().push(status.encode("utf-8", "surrogateescape"))
+        else:
+            await super().push(status)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # EHLO adds to aiosmtpd's per-command limits every time: start from RFC 5321's.
+        self.command_size_limits.clear()
+        self.command_size_limits["AUTH"] = self.line_length_limit
+        self._verbatim = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._verbatim = False
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._verbatim = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._verbatim = False
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        assert self.session is not None
+        if self.session.host_name and not self.session.extended_smtp:
+            await self.push("503 5.5.1 Error: send EHLO first (AUTH is an ESMTP extension)")
+            return
+        if self.envelope is not None and self.envelope.mail_from:
+            await self.push("503 5.5.1 Error: AUTH not allowed during a mail transaction")
+            return
+        if arg:
+            mechanism, sep, rest = arg.partition(" ")
+            arg = mechanism.upper() + sep + rest  # mechanism names are case-insensitive
+        await super().smtp_AUTH(arg)
+
+    # aiosmtpd calls built-in auth_* methods as method(self, args).
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("", encode_to_b64=False)
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+            assert isinstance(blob, bytes)
+        elif args[1] == "=":
+            blob = b""
+        else:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3 or not parts[1]:
+            await self.push("501 5.5.2 PLAIN response must be authzid NUL user NUL password")
+            return AuthResult(success=False, handled=True)
+        return await self._log_in(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            user = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+        else:
+            try:
+                user = base64.b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        if user is MISSING:
+            return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        assert isinstance(user, bytes) and isinstance(password, bytes)
+        return await self._log_in(user, password)
+
+    async def _log_in(self, raw_user: bytes, raw_password: bytes) -> AuthResult:
+        try:
+            user, password = raw_user.decode("utf-8"), raw_password.decode("utf-8")
+        except UnicodeDecodeError:
+            await self.push("501 5.5.2 User name and password must be UTF-8")
+            return AuthResult(success=False, handled=True)
+        try:
+            account, upstream = await self.relay.gate.log_in(
+                "smtp", user, password, SmtpUpstreamSession)
+        except Refusal as refusal:
+            await self.push(refusal_reply(refusal))
+            return AuthResult(success=False, handled=True)
+        assert isinstance(upstream, SmtpUpstreamSession)
+        self.relay.attach(account, upstream)
+        self.data_size_limit = (self.settings.smtp.max_message_size or upstream.size_limit
+                                or DEFAULT_SIZE)
+        return AuthResult(success=True, handled=False,
+                          message="235 2.7.0 Authentication successful")
+
+
+class SmtpService:
+    """The SMTP listener of the daemon and the connections it has open."""
+
+    def __init__(self, gate: Gate, settings: Settings) -> None:
+        self.gate = gate
+        self.settings = settings
+        self.hostname = socket.gethostname() or "localhost"
+        self.fronts: set[SmtpFront] = set()
+        self.size_hint = 0
+
+    def learn_size(self, size: int | None) -> None:
+        # Advertised before login, when the account (and its server) is not known yet.
+        if size:
+            self.size_hint = size
+
+    def _make(self) -> SmtpFront:
+        front = SmtpFront(Relay(self), self.settings, self.hostname)
+        self.fronts.add(front)
+        return front
+
+    async def start(self, host: str, port: int, backlog: int) -> asyncio.Server:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(self._make, host, port, backlog=backlog,
+                                        reuse_address=True)
+
+    async def drain(self, grace: float) -> None:
+        """Let sessions in progress finish for ``grace`` seconds, then cut them off."""
+        tasks = {f._handler_coroutine for f in self.fronts if f._handler_coroutine is not None}
+        pending: set[asyncio.Task[None]] = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+        for front in list(self.fronts):
+            if front.transport is not None:
+                front.transport.close()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
