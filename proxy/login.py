@@ -84,19 +84,17 @@ class Gate:
             raise
         upstream = make_upstream(account)
         try:
-            await self._upstream_login(account, upstream)
-        except BaseException as exc:
-            upstream.close()
-            if isinstance(exc, Refusal):
-                log.warning("%s login for %s refused: %s", proto, account.address, exc.text)
+            await self.relogin(account, upstream)
+        except Refusal as refusal:
+            log.warning("%s login for %s refused: %s", proto, account.address, refusal.text)
             raise
         log.info("%s login for %s via %s in %.1f ms", proto, account.address,
                  upstream.description, (time.monotonic() - started) * 1000)
         return account, upstream
 
     async def relogin(self, account: Account, upstream: Upstream) -> None:
-        """Log a new ``upstream`` in for a client whose local password was already checked
-        (SMTP reconnects between messages); raise ``Refusal`` if that fails."""
+        """Log ``upstream`` in for a client whose local password is already checked (also
+        SMTP's reconnect between messages); closes it and raises ``Refusal`` on failure."""
         try:
             await self._upstream_login(account, upstream)
         except BaseException:
