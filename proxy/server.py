@@ -8,7 +8,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 from .config import Settings, parse_hostport
-from .login import Gate
+from .login import Gate, authorize_hint
 from .net import Conn
 from .passwords import PasswordBook
 from .tokens.manager import TokenManager
@@ -65,6 +65,7 @@ class Daemon:
             self.servers["smtp"] = await smtp.start(
                 *parse_hostport(self.settings.smtp.listen), backlog=LISTEN_BACKLOG)
             log.info("smtp listening on %s:%d", *self.address("smtp"))
+            self._report_accounts()
             refresher = tg.create_task(self.gate.tokens.run(), name="token-refresher")
             self.ready.set()
             await self._stop.wait()
@@ -75,6 +76,17 @@ class Daemon:
             await asyncio.gather(self._drain(), smtp.drain(SHUTDOWN_GRACE))
         # Let a token request already on the wire finish, so a rotated token is not lost.
         await self.gate.tokens.aclose()
+
+    def _report_accounts(self) -> None:
+        """Say at start-up what each account still needs, before a client finds out."""
+        for account in self.settings.accounts:
+            status = self.gate.tokens.status(account.key)
+            if not status["authorized"]:
+                log.warning("account %s is not authorized (%s): %s", account.address,
+                            status["needs_authorization"], authorize_hint(account))
+            if not self.gate.passwords.has(account.key):
+                log.warning("account %s has no local password: run `mailproxy password set %s`",
+                            account.address, account.address)
 
     def _factory(self, proto: str, session: Session) -> Callable[[], Conn]:
         def make() -> Conn:

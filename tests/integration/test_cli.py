@@ -122,3 +122,36 @@ def test_config_from_environment_variable(config: Path, mail_user: str) -> None:
     done = mailproxy("password", "set", mail_user, stdin="pw\n", env=env)
     assert done.returncode == 0, done.stderr
     assert f"local password for {mail_user} set" in done.stdout
+
+
+async def test_readme_first_command_runs_the_example_config(tmp_path: Path) -> None:
+    """`mailproxy run --config config.example.toml`: starts with nothing authorized, says what
+    each account needs, and answers a client with the command to run."""
+    ports = {proto: free_port() for proto in ("IMAP", "POP3", "SMTP")}
+    env = {**os.environ, "MAILPROXY_STATE_DIR": str(tmp_path / "state"),
+           **{f"MAILPROXY_{p}__LISTEN": f"127.0.0.1:{port}" for p, port in ports.items()}}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(ROOT / "config.example.toml"),
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        for _ in range(100):
+            try:
+                client = await RawImap.connect("127.0.0.1", ports["IMAP"])
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("mailproxy run did not start listening")
+        status = tagged_status(await client.login("someone@gmail.com", "pw")).decode()
+        assert status == ("t1 NO [AUTHENTICATIONFAILED] no local password is set for "
+                          "someone@gmail.com: run `mailproxy password set someone@gmail.com`")
+        await client.close()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert ("account someone@gmail.com is not authorized (no refresh token stored): run "
+            "`mailproxy token import someone@gmail.com`") in stderr.decode()
