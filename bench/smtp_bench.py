@@ -1,0 +1,584 @@
+#!/usr/bin/env python3
+"""SMTP benchmark: sending through mailproxy vs. directly to the same Postfix with XOAUTH2.
+
+    /opt/mpvenv/bin/python bench/smtp_bench.py [--small 200] [--large 30] [--senders 10]
+                                               [--rounds 5] [--deliver] [--json] [--keep]
+
+One run starts everything it needs in a temporary directory and removes it afterwards (also on
+an error, Ctrl-C or SIGTERM): the test token/introspection server, a throw-away test CA, a
+private Dovecot (SASL with the oauth2 passdb, LMTP delivery) and a private Postfix (submission
+on an implicit-TLS port, Dovecot SASL, LMTP into Dovecot), see ``tests.support``. The proxy runs
+as a **separate process** through its real command line (``password set``, ``token import
+--no-verify``, ``run --config``) with ``smtp_tls = "implicit"`` to Postfix's smtps port, for the
+same reason as in ``imap_bench.py``: 2 cores, and its CPU time can be read from /proc.
+
+Paths, same client code (a small blocking-socket SMTP client, one thread per sender):
+
+* ``direct``: client --TLS--> Postfix smtps; EHLO, two-step ``AUTH XOAUTH2`` with an access
+  token from the test authority.
+* ``proxy``:  client --plain loopback--> proxy --TLS--> Postfix smtps; EHLO, ``AUTH PLAIN`` with
+  the local password (the proxy does the upstream TLS handshake and XOAUTH2).
+
+Cases: ``--small`` messages of 10 KB and ``--large`` messages of 1 MB (MB = 10^6 bytes), each
+sequentially (one session) and with ``--senders`` concurrent sessions sharing the messages. A
+session is opened and logged in first (not timed, its login time is reported separately), then
+the timer runs from the first MAIL FROM to the last 250 after the end of DATA: MAIL, RCPT, DATA,
+the message, one command at a time like smtplib or aiosmtplib send it. Postfix acknowledges
+once the message is queued. By default the benchmark holds delivery back
+(``defer_transports = lmtp``) and empties the queue with ``postsuper -d ALL`` before every timed
+sample (untimed): otherwise LMTP delivery into Dovecot competes for the 2 cores during the
+sample, more of it inside the window on the slower path and more of it after the window on the
+faster one. ``--deliver`` keeps delivery on; the benchmark then waits until the queue is empty
+before each sample and deletes the delivered messages. Per case, ``--rounds`` rounds with the
+path order alternating, after one untimed warm-up round. The headline ratio is proxy/direct of
+the summed messages over the summed time of all rounds; the median of the per-round ratios is
+also printed.
+
+Goal: proxy >= 0.8 x direct in every case, printed as PASS/MISS. The exit status is 0 unless
+something failed (1) or it was interrupted (130).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import ctypes
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.support.dovecot import Dovecot, dovecot_available, free_port  # noqa: E402
+from tests.support.postfix import Postfix, postfix_available  # noqa: E402
+from tests.support.tlsca import TestCA, make_test_ca  # noqa: E402
+from tests.support.tokenserver import (  # noqa: E402
+    TEST_CLIENT_ID,
+    TEST_CLIENT_SECRET,
+    TokenServer,
+)
+
+USER = "known-bench@example.test"  # tests.support.postfix accepts known-*@example.test
+LOCAL_PASSWORD = "bench local password"
+TIMEOUT = 60.0
+GOAL = 0.8
+SMALL = 10_000
+LARGE = 1_000_000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PATHS = ("proxy", "direct")
+
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------- the client
+
+
+class SmtpError(RuntimeError):
+    pass
+
+
+class FastSmtp:
+    """Blocking SMTP client: one command at a time, the message sent with one sendall."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending = b""
+
+    @classmethod
+    def connect(cls, port: int, context: ssl.SSLContext | None = None) -> FastSmtp:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if context is not None:
+            try:
+                sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+            except BaseException:
+                sock.close()
+                raise
+        client = cls(sock)
+        client.expect(220)
+        return client
+
+    def reply(self) -> tuple[int, bytes]:
+        lines = []
+        while True:
+            end = self.pending.find(b"\r\n")
+            if end < 0:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise SmtpError(f"connection closed; got {b''.join(lines)!r}")
+                self.pending += chunk
+                continue
+            line, self.pending = self.pending[:end], self.pending[end + 2:]
+            lines.append(line)
+            if line[3:4] != b"-":
+                return int(line[:3]), b"\n".join(lines)
+
+    def expect(self, code: int, what: str = "") -> bytes:
+        got, text = self.reply()
+        if got != code:
+            raise SmtpError(f"{what or 'greeting'}: expected {code}, got {text!r}")
+        return text
+
+    def command(self, line: str, code: int) -> bytes:
+        self.sock.sendall(line.encode() + b"\r\n")
+        return self.expect(code, line.split()[0] + (" " + line.split()[1]
+                                                     if line.startswith("AUTH") else ""))
+
+    def send(self, sender: str, rcpt: str, stuffed: bytes) -> None:
+        """One transaction; ``stuffed`` is dot-stuffed and ends with CRLF."""
+        self.command(f"MAIL FROM:<{sender}> SIZE={len(stuffed)}", 250)
+        self.command(f"RCPT TO:<{rcpt}>", 250)
+        self.command("DATA", 354)
+        self.sock.sendall(stuffed)
+        self.sock.sendall(b".\r\n")
+        self.expect(250, "end of DATA")
+
+    def quit(self) -> None:
+        with contextlib.suppress(OSError, SmtpError, ValueError):
+            self.command("QUIT", 221)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+# ------------------------------------------------------------------------ the environment
+
+
+def make_message(size: int, rng: random.Random) -> bytes:
+    """A CRLF message of exactly ``size`` bytes: headers and base64 lines (no dot-stuffing)."""
+    head = (
+        f"From: Bench <{USER}>\r\nTo: Bench <{USER}>\r\n"
+        f"Subject: Benchmark message of {size} bytes\r\n"
+        "Date: Mon, 3 Jun 2024 10:00:00 +0000\r\n"
+        f"Message-ID: <bench.{size}.{rng.getrandbits(48):012x}@example.test>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+    ).encode()
+    body = base64.encodebytes(rng.randbytes(size)).replace(b"\n", b"\r\n")
+    body = body[:size - len(head) - 2].rstrip(b"\r\n")
+    body += b"A" * (size - len(head) - 2 - len(body))
+    message = head + body + b"\r\n"
+    assert len(message) == size and b"\r\n." not in message
+    return message
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy() -> tuple[float, float]:
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values[:8]) - values[3] - values[4], sum(values[:8])
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class BenchPostfix(Postfix):
+    """The test Postfix; with ``deliver=False`` mail stays in the queue (no LMTP delivery)."""
+
+    def __init__(self, root: Path, dovecot: Dovecot, deliver: bool) -> None:
+        self.deliver = deliver
+        super().__init__(root, dovecot)
+
+    def _main_cf(self) -> str:
+        return super()._main_cf() + ("" if self.deliver else "defer_transports = lmtp\n")
+
+
+class Environment:
+    def __init__(self, deliver: bool) -> None:
+        self.deliver = deliver
+        self.tmp = Path(tempfile.mkdtemp(prefix="mailproxy-smtp-bench-"))
+        self.tmp.chmod(0o755)  # Dovecot's and Postfix's unprivileged users traverse it
+        self.token_server: TokenServer | None = None
+        self.dovecot: Dovecot | None = None
+        self.postfix: Postfix | None = None
+        self.proxy: subprocess.Popen[bytes] | None = None
+        self.proxy_port = 0
+        self.proxy_log = self.tmp / "proxy.log"
+        self.ca: TestCA | None = None
+        self.tls: ssl.SSLContext | None = None
+
+    def start(self) -> None:
+        for ok, reason in (dovecot_available(), postfix_available()):
+            if not ok:
+                raise RuntimeError(reason)
+        self.ca = make_test_ca(self.tmp / "ca")
+        self.tls = ssl.create_default_context(cafile=str(self.ca.ca_cert))
+        self.token_server = TokenServer()
+        self.token_server.authority.register_client(TEST_CLIENT_ID, TEST_CLIENT_SECRET)
+        progress("starting Dovecot and Postfix")
+        self.dovecot = Dovecot(self.tmp / "dovecot", self.ca,
+                               self.token_server.introspection_url)
+        self.dovecot.start()
+        self.postfix = BenchPostfix(self.tmp / "postfix", self.dovecot, self.deliver)
+        self.postfix.start()
+        self._start_proxy()
+
+    def _start_proxy(self) -> None:
+        assert self.postfix is not None and self.token_server is not None and self.ca
+        self.proxy_port = free_port()
+        config = self.tmp / "mailproxy.toml"
+        config.write_text(
+            f'state_dir = "{self.tmp / "state"}"\n'
+            'log_level = "info"\n'
+            f'[imap]\nlisten = "127.0.0.1:{free_port()}"\n'
+            f'[pop3]\nlisten = "127.0.0.1:{free_port()}"\n'
+            f'[smtp]\nlisten = "127.0.0.1:{self.proxy_port}"\n'
+            "[[accounts]]\n"
+            f'address = "{USER}"\n'
+            'provider = "custom"\n'
+            f'client_id = "{TEST_CLIENT_ID}"\n'
+            f'client_secret = "{TEST_CLIENT_SECRET}"\n'
+            f'token_url = "{self.token_server.token_url}"\n'
+            'scopes = ["mail"]\n'
+            f'smtp_server = "{self.postfix.host}:{self.postfix.smtps_port}"\n'
+            'smtp_tls = "implicit"\n'
+            f'ca_file = "{self.ca.ca_cert}"\n'
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPROXY_")}
+        env["PYTHONPATH"] = str(REPO)
+        base = [sys.executable, "-m", "proxy"]
+        refresh_token = self.token_server.authority.issue_refresh_token(USER, TEST_CLIENT_ID)
+        for args, secret in ((["password", "set"], LOCAL_PASSWORD),
+                             (["token", "import", "--no-verify"], refresh_token)):
+            done = subprocess.run([*base, *args, "--config", str(config), USER],
+                                  input=(secret + "\n").encode(), capture_output=True,
+                                  env=env, cwd=REPO, timeout=60)
+            if done.returncode != 0:
+                raise RuntimeError(f"mailproxy {' '.join(args)} failed: "
+                                   f"{done.stderr.decode(errors='replace')}")
+        progress(f"starting the proxy on 127.0.0.1:{self.proxy_port}")
+        with self.proxy_log.open("wb") as log:
+            self.proxy = subprocess.Popen(
+                [*base, "run", "--config", str(config)], stdin=subprocess.DEVNULL,
+                stdout=log, stderr=log, env=env, cwd=REPO, start_new_session=True,
+                preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proxy.poll() is not None:
+                raise RuntimeError(f"the proxy exited with {self.proxy.returncode}:\n"
+                                   f"{self.proxy_log.read_text(errors='replace')}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.proxy_port), timeout=1).close()
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the proxy did not start listening within 30 s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            proc, self.proxy = self.proxy, None
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        for server in (self.postfix, self.dovecot):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.stop()
+        if self.token_server is not None:
+            with contextlib.suppress(Exception):
+                self.token_server.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- clients -------------------------------------------------------------------------
+
+    def login(self, path: str) -> FastSmtp:
+        assert self.postfix is not None and self.token_server is not None
+        if path == "proxy":
+            client = FastSmtp.connect(self.proxy_port)
+            client.command("EHLO bench.example.test", 250)
+            plain = base64.b64encode(f"\0{USER}\0{LOCAL_PASSWORD}".encode()).decode()
+            client.command(f"AUTH PLAIN {plain}", 235)
+            return client
+        client = FastSmtp.connect(self.postfix.smtps_port, self.tls)
+        try:
+            client.command("EHLO bench.example.test", 250)
+            token = self.token_server.authority.issue_access_token(USER)
+            client.command("AUTH XOAUTH2", 334)
+            sasl = base64.b64encode(f"user={USER}\x01auth=Bearer {token}\x01\x01".encode())
+            client.command(sasl.decode(), 235)
+        except BaseException:
+            client.quit()
+            raise
+        return client
+
+    def queue_size(self) -> int:
+        assert self.postfix is not None
+        count = 0
+        for sub in ("maildrop", "incoming", "active", "deferred", "hold"):
+            for _, _, files in os.walk(self.postfix.queue_dir / sub):
+                count += len(files)
+        return count
+
+    def settle(self, timeout: float = 60.0) -> None:
+        """Empty Postfix's queue (delete, or wait for delivery and delete the delivered mail)."""
+        assert self.dovecot is not None and self.postfix is not None
+        if not self.deliver and self.queue_size():
+            subprocess.run(["/usr/sbin/postsuper", "-c", str(self.postfix.config_dir), "-d",
+                            "ALL"], capture_output=True, check=True, timeout=60)
+        deadline = time.monotonic() + timeout
+        while self.queue_size():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Postfix queue not empty after {timeout:.0f} s:\n"
+                                   f"{self.postfix.log_tail()}")
+            time.sleep(0.02)
+        for sub in ("new", "cur"):
+            d = self.dovecot.maildir(USER) / sub
+            if d.is_dir():
+                for p in d.iterdir():
+                    p.unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------------------- measurements
+
+
+@dataclass
+class Sample:
+    messages: int
+    bytes: int
+    seconds: float
+    login_ms: float  # mean per session
+    client_cpu: float
+    proxy_cpu: float
+    machine_busy: float
+
+    @property
+    def msg_s(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def mb_s(self) -> float:
+        return self.bytes / self.seconds / 1e6
+
+
+def run_once(env: Environment, path: str, message: bytes, count: int, senders: int) -> Sample:
+    """``count`` messages over ``senders`` sessions, one thread each; the sending is timed."""
+    env.settle()
+    assert env.proxy is not None
+    shares = [count // senders + (1 if i < count % senders else 0) for i in range(senders)]
+    logins: list[float] = []
+    errors: list[BaseException] = []
+    done_at: list[float] = []
+    barrier = threading.Barrier(senders + 1, timeout=TIMEOUT)
+    lock = threading.Lock()
+
+    def sender(n: int) -> None:
+        client = None
+        try:
+            t0 = time.perf_counter()
+            client = env.login(path)
+            with lock:
+                logins.append((time.perf_counter() - t0) * 1000)
+            barrier.wait()
+            for _ in range(n):
+                client.send(USER, USER, message)
+            with lock:
+                done_at.append(time.perf_counter())
+        except BaseException as exc:  # reported by the main thread
+            with lock:
+                errors.append(exc)
+            barrier.abort()
+        finally:
+            if client is not None:
+                client.quit()
+
+    threads = [threading.Thread(target=sender, args=(n,), daemon=True) for n in shares]
+    for t in threads:
+        t.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
+    c0, p0, b0 = time.process_time(), proc_cpu(env.proxy.pid), machine_busy()
+    start = time.perf_counter()
+    deadline = time.monotonic() + 5 * TIMEOUT
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{path}: senders still running after {5 * TIMEOUT:.0f} s")
+    c1, p1, b1 = time.process_time(), proc_cpu(env.proxy.pid), machine_busy()
+    if errors:
+        raise SmtpError(f"{path}: {errors[0]!r}") from errors[0]
+    seconds = max(done_at) - start
+    busy = (b1[0] - b0[0]) / max(1, b1[1] - b0[1])
+    return Sample(count, count * len(message), seconds, statistics.fmean(logins),
+                  c1 - c0, p1 - p0, busy)
+
+
+@dataclass
+class Case:
+    name: str
+    size: int
+    count: int
+    senders: int
+
+
+def measure(env: Environment, cases: list[Case], rounds: int) -> dict[str, dict[str, list[Sample]]]:
+    rng = random.Random(1234)
+    bodies = {size: make_message(size, rng) for size in {c.size for c in cases}}
+    results: dict[str, dict[str, list[Sample]]] = {}
+    for case in cases:
+        message = bodies[case.size]
+        per_path: dict[str, list[Sample]] = {p: [] for p in PATHS}
+        progress(f"{case.name}: warm-up")
+        for path in PATHS:
+            run_once(env, path, message, min(case.count, 2 * case.senders), case.senders)
+        for r in range(rounds):
+            order = PATHS if r % 2 == 0 else tuple(reversed(PATHS))
+            for path in order:
+                per_path[path].append(run_once(env, path, message, case.count, case.senders))
+            line = ", ".join(f"{p} {per_path[p][-1].msg_s:.1f} msg/s" for p in PATHS)
+            progress(f"{case.name} round {r + 1}/{rounds}: {line}")
+        results[case.name] = per_path
+    env.settle()
+    return results
+
+
+# ------------------------------------------------------------------------------ reporting
+
+
+def summarize(cases: list[Case], results: dict[str, dict[str, list[Sample]]],
+              args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "config": {"deliver": args.deliver, "rounds": args.rounds, "senders": args.senders,
+                   "cpus": os.cpu_count(), "python": sys.version.split()[0], "goal": GOAL},
+        "cases": {},
+    }
+    for case in cases:
+        entry: dict[str, Any] = {"size": case.size, "messages": case.count,
+                                 "senders": case.senders}
+        for path, samples in results[case.name].items():
+            seconds = sum(s.seconds for s in samples)
+            messages = sum(s.messages for s in samples)
+            nbytes = sum(s.bytes for s in samples)
+            entry[path] = {
+                "msg_s": messages / seconds,
+                "mb_s": nbytes / seconds / 1e6,
+                "msg_s_rounds": [round(s.msg_s, 2) for s in samples],
+                "login_ms": statistics.fmean(s.login_ms for s in samples),
+                "client_cpu_per_wall": sum(s.client_cpu for s in samples) / seconds,
+                "proxy_cpu_per_wall": sum(s.proxy_cpu for s in samples) / seconds,
+                "machine_busy": statistics.median(s.machine_busy for s in samples),
+            }
+        ratio = entry["proxy"]["msg_s"] / entry["direct"]["msg_s"]
+        entry["ratio"] = ratio
+        entry["paired_ratio_median"] = statistics.median(
+            p.msg_s / d.msg_s for p, d in zip(results[case.name]["proxy"],
+                                              results[case.name]["direct"], strict=True))
+        entry["verdict"] = "PASS" if ratio >= GOAL else "MISS"
+        out["cases"][case.name] = entry
+    return out
+
+
+def print_report(r: dict[str, Any]) -> None:
+    c = r["config"]
+    print(f"\nmailproxy SMTP benchmark: {c['rounds']} rounds per case, {c['cpus']} CPUs, "
+          f"Python {c['python']}, LMTP delivery {'on' if c['deliver'] else 'held back'}"
+          " (MB = 10^6 bytes; sending timed, login not)")
+    print(f"\n  {'case':<22}{'path':<8}{'msg/s':>9}{'MB/s':>8}{'login ms':>10}"
+          f"{'client CPU':>12}{'proxy CPU':>11}{'busy':>6}   ratio")
+    for name, e in r["cases"].items():
+        for path in PATHS:
+            p = e[path]
+            tail = ""
+            if path == "proxy":
+                tail = (f"   {e['ratio']:.3f} {e['verdict']}"
+                        f"  (per-round median {e['paired_ratio_median']:.3f})")
+            proxy_cpu = f"{p['proxy_cpu_per_wall'] * 100:.0f}%" if path == "proxy" else "-"
+            print(f"  {name if path == 'proxy' else '':<22}{path:<8}{p['msg_s']:>9.1f}"
+                  f"{p['mb_s']:>8.1f}{p['login_ms']:>10.1f}"
+                  f"{p['client_cpu_per_wall'] * 100:>11.0f}%{proxy_cpu:>11}"
+                  f"{p['machine_busy'] * 100:>5.0f}%{tail}")
+    print("\n  proxy:  client --plain--> proxy --TLS--> Postfix smtps (AUTH PLAIN, local password)")
+    print("  direct: client --TLS--> Postfix smtps (two-step AUTH XOAUTH2, access token)")
+    print("  CPU columns: share of one core during the timed sending; busy: all CPUs")
+    print(f"  ratio = proxy/direct msg/s (= MB/s), goal >= {c['goal']}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", type=int, default=200, help="10 KB messages per sample")
+    parser.add_argument("--large", type=int, default=30, help="1 MB messages per sample")
+    parser.add_argument("--senders", type=int, default=10, help="concurrent sessions")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case and path")
+    parser.add_argument("--deliver", action="store_true",
+                        help="let Postfix deliver into Dovecot (LMTP) during the samples")
+    parser.add_argument("--keep", action="store_true",
+                        help="pause before cleaning up (prints the temporary directory)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON only")
+    args = parser.parse_args()
+    if min(args.small, args.large, args.senders, args.rounds) < 1:
+        parser.error("--small, --large, --senders, --rounds must be >= 1")
+    cases = [
+        Case("10 KB x1 sender", SMALL, args.small, 1),
+        Case(f"10 KB x{args.senders} senders", SMALL, args.small, args.senders),
+        Case("1 MB x1 sender", LARGE, args.large, 1),
+        Case(f"1 MB x{args.senders} senders", LARGE, args.large, args.senders),
+    ]
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    env = Environment(args.deliver)
+    started = time.monotonic()
+    try:
+        env.start()
+        results = summarize(cases, measure(env, cases, args.rounds), args)
+        results["config"]["elapsed_s"] = round(time.monotonic() - started, 1)
+        if args.keep:
+            input(f"[bench] kept {env.tmp} (proxy pid {env.proxy and env.proxy.pid}); "
+                  "press Enter to clean up ")
+    except KeyboardInterrupt:
+        progress("interrupted; cleaning up")
+        return 130
+    except Exception:
+        traceback.print_exc()
+        if env.proxy_log.exists():
+            tail = env.proxy_log.read_text(errors="replace").splitlines()[-20:]
+            print("proxy log (tail):\n" + "\n".join(tail), file=sys.stderr)
+        if env.postfix is not None:
+            print("Postfix log (tail):\n" + env.postfix.log_tail(), file=sys.stderr)
+        return 1
+    finally:
+        env.stop()
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_report(results)
+        print(f"\n(total {results['config']['elapsed_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
