@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import ctypes
 import json
 import os
 import random
@@ -62,14 +61,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from common import (  # the repository root goes on sys.path here
+    machine_busy,
+    proc_cpu,
+    progress,
+    start_proxy,
+    stop_proxy,
+)
 
-from tests.support.dovecot import Dovecot, dovecot_available, free_port  # noqa: E402
-from tests.support.postfix import Postfix, postfix_available  # noqa: E402
-from tests.support.tlsca import TestCA, make_test_ca  # noqa: E402
-from tests.support.tokenserver import (  # noqa: E402
+from tests.support.dovecot import Dovecot, dovecot_available, free_port
+from tests.support.postfix import Postfix, postfix_available
+from tests.support.tlsca import TestCA, make_test_ca
+from tests.support.tokenserver import (
     TEST_CLIENT_ID,
     TEST_CLIENT_SECRET,
     TokenServer,
@@ -81,12 +84,9 @@ TIMEOUT = 60.0
 GOAL = 0.8
 SMALL = 10_000
 LARGE = 1_000_000
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 PATHS = ("proxy", "direct")
 
 
-def progress(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------- the client
@@ -180,21 +180,10 @@ def make_message(size: int, rng: random.Random) -> bytes:
     return message
 
 
-def proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def machine_busy() -> tuple[float, float]:
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    return sum(values[:8]) - values[3] - values[4], sum(values[:8])
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class BenchPostfix(Postfix):
@@ -259,46 +248,14 @@ class Environment:
             'smtp_tls = "implicit"\n'
             f'ca_file = "{self.ca.ca_cert}"\n'
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPROXY_")}
-        env["PYTHONPATH"] = str(REPO)
-        base = [sys.executable, "-m", "proxy"]
         refresh_token = self.token_server.authority.issue_refresh_token(USER, TEST_CLIENT_ID)
-        for args, secret in ((["password", "set"], LOCAL_PASSWORD),
-                             (["token", "import", "--no-verify"], refresh_token)):
-            done = subprocess.run([*base, *args, "--config", str(config), USER],
-                                  input=(secret + "\n").encode(), capture_output=True,
-                                  env=env, cwd=REPO, timeout=60)
-            if done.returncode != 0:
-                raise RuntimeError(f"mailproxy {' '.join(args)} failed: "
-                                   f"{done.stderr.decode(errors='replace')}")
-        progress(f"starting the proxy on 127.0.0.1:{self.proxy_port}")
-        with self.proxy_log.open("wb") as log:
-            self.proxy = subprocess.Popen(
-                [*base, "run", "--config", str(config)], stdin=subprocess.DEVNULL,
-                stdout=log, stderr=log, env=env, cwd=REPO, start_new_session=True,
-                preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proxy.poll() is not None:
-                raise RuntimeError(f"the proxy exited with {self.proxy.returncode}:\n"
-                                   f"{self.proxy_log.read_text(errors='replace')}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", self.proxy_port), timeout=1).close()
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the proxy did not start listening within 30 s")
-            time.sleep(0.05)
+        self.proxy = start_proxy(config, self.proxy_log, self.proxy_port, USER,
+                                 {"password": LOCAL_PASSWORD, "refresh_token": refresh_token})
 
     def stop(self) -> None:
         if self.proxy is not None:
             proc, self.proxy = self.proxy, None
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(5)
+            stop_proxy(proc)
         for server in (self.postfix, self.dovecot):
             if server is not None:
                 with contextlib.suppress(Exception):

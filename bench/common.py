@@ -1,0 +1,91 @@
+"""What the benchmarks share: the proxy run as its own process through its CLI, and /proc
+readings of CPU time."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def progress(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]
+    total = sum(values[:8])
+    return total - idle, total
+
+
+def _die_with_parent() -> None:
+    # Linux: the proxy gets SIGTERM if the benchmark dies without cleaning up.
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_proxy(config: Path, log_path: Path, port: int, user: str,
+                secrets: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Provision ``user`` through the CLI (``password set``, ``token import --no-verify``, the
+    secrets on stdin), then ``mailproxy run`` and wait until ``port`` accepts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPROXY_")}
+    env["PYTHONPATH"] = str(REPO)
+    base = [sys.executable, "-m", "proxy"]
+    for args, secret in ((["password", "set"], secrets["password"]),
+                         (["token", "import", "--no-verify"], secrets["refresh_token"])):
+        done = subprocess.run([*base, *args, "--config", str(config), user],
+                              input=(secret + "\n").encode(), capture_output=True,
+                              env=env, cwd=REPO, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"mailproxy {' '.join(args)} failed: "
+                               f"{done.stderr.decode(errors='replace')}")
+    progress(f"starting the proxy on 127.0.0.1:{port}")
+    with log_path.open("wb") as log:
+        proxy = subprocess.Popen(
+            [*base, "run", "--config", str(config)], stdin=subprocess.DEVNULL,
+            stdout=log, stderr=log, env=env, cwd=REPO, start_new_session=True,
+            preexec_fn=_die_with_parent)
+    deadline = time.monotonic() + 30
+    while True:
+        if proxy.poll() is not None:
+            raise RuntimeError(f"the proxy exited with {proxy.returncode}:\n"
+                               f"{log_path.read_text(errors='replace')}")
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proxy
+        if time.monotonic() > deadline:
+            stop_proxy(proxy)
+            raise RuntimeError("the proxy did not start listening within 30 s")
+        time.sleep(0.05)
+
+
+def stop_proxy(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
