@@ -116,6 +116,39 @@ class TokenSettings(_Strict):
     # Per token request, and how often transient failures (network, 5xx, 429) are retried.
     request_timeout: float = Field(default=20.0, gt=0)
     retries: int = Field(default=3, ge=0)
+    # Refresh at least this often even when no client connects, so refresh tokens that die when
+    # unused (Microsoft: 90 days) stay alive; 0 turns it off.
+    keepalive_days: float = Field(default=7.0, ge=0)
+
+
+class VaultSettings(_Strict):
+    # Where the master key comes from, if any: "credential:NAME" (systemd LoadCredential=),
+    # "file:/path", "env:VARIABLE" or "keyring:SERVICE". With it, tokens are refreshed from
+    # start-up; without it, from an account's first successful client login.
+    master_key: str | None = None
+
+    @field_validator("master_key")
+    @classmethod
+    def _source(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        kind, sep, rest = value.partition(":")
+        if not sep or kind not in ("credential", "file", "env", "keyring") or not rest:
+            raise ValueError("expected 'credential:NAME', 'file:/path', 'env:VARIABLE' or "
+                             f"'keyring:SERVICE', got {value!r}")
+        return value
+
+
+class NotifySettings(_Strict):
+    # Run on each event with MAILPROXY_ACCOUNT, MAILPROXY_EVENT, MAILPROXY_REASON (and more) set.
+    command: str | None = None
+    # POST a JSON object {account, event, reason, ...} here.
+    webhook: OAuthUrl | None = None
+    # Hours before a known refresh token deadline to warn.
+    before_deadline: float = Field(default=24.0, ge=0)
+    # Consecutive failed background refreshes before "refresh_failing" is sent.
+    failure_threshold: int = Field(default=3, ge=1)
+    timeout: float = Field(default=10.0, gt=0)
 
 
 class Account(_Strict):
@@ -144,6 +177,18 @@ class Account(_Strict):
     # Certificates are always verified; this only adds trust anchors.
     ca_file: Path | None = None
     sasl_mechanism: Literal["auto", "xoauth2", "oauthbearer"] = "auto"
+    # authorization_code: where the provider sends the browser back; default a random free port
+    # on 127.0.0.1 (must be registered with the provider when the app is a web app).
+    redirect_uri: str | None = None
+    # Microsoft certificate credentials instead of a client secret: PEM certificate, and its
+    # private key (PEM, unencrypted) when not in the same file.
+    client_certificate: Path | None = None
+    client_certificate_key: Path | None = None
+    # Google Workspace service account key file (JSON) for flow 'service_account'.
+    service_account_file: Path | None = None
+    # Refresh tokens with a known lifetime (a Google project in "Testing" status: 7 days):
+    # notifications warn `[notify] before_deadline` hours before it ends.
+    refresh_token_lifetime_days: float | None = Field(default=None, gt=0)
 
     @field_validator("address")
     @classmethod
@@ -153,14 +198,26 @@ class Account(_Strict):
             raise ValueError(f"expected an e-mail address, got {value!r}")
         return value
 
-    @field_validator("ca_file")
+    @field_validator("ca_file", "client_certificate", "client_certificate_key",
+                     "service_account_file")
     @classmethod
-    def _ca_file(cls, value: Path | None) -> Path | None:
+    def _existing_file(cls, value: Path | None) -> Path | None:
         if value is None:
             return None
         value = value.expanduser()
         if not value.is_file():
-            raise ValueError(f"CA file {str(value)!r} does not exist")
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
+    @field_validator("redirect_uri")
+    @classmethod
+    def _redirect_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme != "http" or not parts.hostname or not is_loopback_host(parts.hostname):
+            raise ValueError("must be a loopback http:// address such as "
+                             f"'http://127.0.0.1:8765/', got {value!r}")
         return value
 
     @model_validator(mode="after")
@@ -199,6 +256,13 @@ class Account(_Strict):
                         setattr(self, f"{proto}_tls", server.tls)
         if not self.client_id and self.flow != "service_account":
             raise ValueError("client_id is required")
+        if self.flow == "service_account" and self.service_account_file is None:
+            raise ValueError("flow 'service_account' needs service_account_file (the JSON key "
+                             "of a Google Workspace service account with domain-wide delegation)")
+        if self.client_certificate_key is not None and self.client_certificate is None:
+            raise ValueError("client_certificate_key needs client_certificate")
+        if self.client_certificate is not None and self.client_secret is not None:
+            raise ValueError("give either client_secret or client_certificate, not both")
         return self
 
     @property
@@ -242,6 +306,10 @@ class Settings(BaseSettings):
     pop3: Pop3Listener = Pop3Listener()
     smtp: SmtpListener = SmtpListener()
     tokens: TokenSettings = TokenSettings()
+    vault: VaultSettings = VaultSettings()
+    notify: NotifySettings = NotifySettings()
+    # The daemon's status socket (owner-only); default: control.sock in state_dir.
+    control_socket: Path | None = None
     accounts: list[Account] = []
 
     @field_validator("state_dir")

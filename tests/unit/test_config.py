@@ -105,7 +105,7 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         (
             '[[accounts]]\naddress = "a@b.c"\nprovider = "gmail"\nclient_id = "x"\n'
             'ca_file = "/nonexistent.pem"\n',
-            "CA file '/nonexistent.pem' does not exist",
+            "file '/nonexistent.pem' does not exist",
         ),
         (
             '[[accounts]]\naddress = "a@b.c"\nprovider = "gmail"\nclient_id = "x"\n'
