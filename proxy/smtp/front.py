@@ -20,8 +20,9 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 from .. import __version__
 from ..config import Account, Settings
 from ..login import Gate, Refusal
+from .data import Outcome, Result, pump
 from .replies import add_enhanced_codes, format_reply, refusal_reply
-from .upstream import SmtpUpstreamSession, UpstreamGone, one_line
+from .upstream import DATA_END_TIMEOUT, SmtpUpstreamSession, UpstreamGone, one_line
 
 log = logging.getLogger("mailproxy.smtp")
 
@@ -100,7 +101,8 @@ class Relay:
                     await self._reconnect()
                     assert self.upstream is not None
                     upstream = self.upstream
-                response = await upstream.mail(address, options)
+                # aiosmtpd parses the null reverse-path (bounces, DSNs) as "<>".
+                response = await upstream.mail("" if address == "<>" else address, options)
             except Refusal as refusal:
                 return refusal_reply(refusal)
             except UpstreamGone as exc:
@@ -137,20 +139,65 @@ class Relay:
             envelope.rcpt_options.extend(options)
         return format_reply(response.code, response.message)
 
-    async def handle_DATA(self, server: SmtpFront, session: Session, envelope: Envelope) -> str:
+    async def data(self, front: SmtpFront) -> str | None:
+        """DATA: upstream first, then the message streamed through; the reply for the client.
+
+        None when the client went away in the middle of the message (nobody to answer).
+        """
         assert self.upstream is not None and self.account is not None
+        assert front.envelope is not None
+        upstream = self.upstream
+        recipients = len(front.envelope.rcpt_tos)
         if self.broken:
+            front.end_transaction()
             return self._lost("earlier in this transaction")
-        content = envelope.original_content or b""
         try:
-            response = await self.upstream.data(content)
+            response = await upstream.start_data()
         except UpstreamGone as exc:
+            front.end_transaction()
             return self._lost(str(exc))
+        if response.code != 354:
+            # The upstream's transaction is still open, and so is ours: the client decides.
+            return format_reply(response.code, response.message)
+        await front.push(format_reply(354, response.message))
+        done = False
+        try:
+            result = await pump(front._reader, upstream, front.data_size_limit,
+                                front._reset_timeout)
+            if result.outcome is Outcome.SENT:
+                # The client is waiting for this reply, not idle (RFC 5321 4.5.3.2.6).
+                front._reset_timeout(DATA_END_TIMEOUT + 60)
+                try:
+                    response = await upstream.finish_data()
+                except UpstreamGone as exc:
+                    result = Result(Outcome.UPSTREAM_LOST, result.size, str(exc))
+            done = True
         finally:
             self.in_transaction = False
-        log.info("smtp: %s -> %d recipient(s) via %s, %d bytes: %s", self.account.address,
-                 len(envelope.rcpt_tos), self.description, len(content), one_line(response))
-        return format_reply(response.code, response.message)
+            front.end_transaction()
+            if not done:
+                # Cancelled because the client went away. Unless the end marker was already
+                # sent, closing the upstream connection is what drops the partial message there.
+                upstream.close()
+        if front.transport is not None:
+            front._reset_timeout()
+        if result.outcome is Outcome.SENT:
+            log.info("smtp: %s -> %d recipient(s) via %s, %d bytes: %s", self.account.address,
+                     recipients, self.description, result.size, one_line(response))
+            return format_reply(response.code, response.message)
+        if result.outcome is Outcome.UPSTREAM_LOST:
+            return self._lost(result.error)
+        # The upstream has part of the message and no end marker: only closing the
+        # connection ends its transaction without delivering it. The next MAIL reconnects.
+        upstream.close()
+        if result.outcome is Outcome.CLIENT_GONE:
+            log.info("smtp: the client of %s went away in the middle of a message",
+                     self.account.address)
+            return None
+        log.info("smtp: message from %s refused: over the size limit of %s bytes",
+                 self.account.address, front.data_size_limit)
+        return format_reply(552, f"message exceeds the size limit of {front.data_size_limit} "
+                            "bytes; nothing was sent", "5.3.4")
 
     async def _reset_upstream(self) -> str:
         self.broken = self.in_transaction = False
@@ -216,6 +263,31 @@ class SmtpFront(SMTP):
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(b"421 4.4.2 Idle for too long, closing connection\r\n")
             transport.close()  # connection_lost() cleans up, as in aiosmtpd's own callback
+
+    def end_transaction(self) -> None:
+        self.envelope = self._create_envelope()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        # Replaces aiosmtpd's, which reads the message line by line, un-stuffs it and hands
+        # it over only when complete; its checks and replies are kept.
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        reply = await self.relay.data(self)
+        if reply is None:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await self.push(reply)
 
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)

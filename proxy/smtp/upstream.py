@@ -7,6 +7,7 @@ Implements ``login.Upstream``. Every way the connection can fail while relaying 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import aiosmtplib
@@ -28,6 +29,8 @@ log = logging.getLogger("mailproxy.smtp")
 UPSTREAM_TIMEOUT = 60.0
 # RFC 5321 4.5.3.2.6: wait up to 10 minutes for the reply to the end of the message.
 DATA_END_TIMEOUT = 600.0
+# RFC 5321 4.5.3.2.5: a server may wait 3 minutes for each block of the message.
+DATA_BLOCK_TIMEOUT = 180.0
 LOCAL_HOSTNAME = "localhost"
 
 
@@ -37,16 +40,6 @@ class UpstreamGone(Exception):
 
 def one_line(response: SMTPResponse) -> str:
     return f"{response.code} {' '.join(response.message.split())}"
-
-
-def dot_stuff(content: bytes) -> bytes:
-    """The DATA payload for ``content`` (lines ending in CRLF): dots doubled, terminator added."""
-    if content and not content.endswith(b"\r\n"):
-        content += b"\r\n"
-    stuffed = content.replace(b"\r\n.", b"\r\n..")
-    if stuffed.startswith(b"."):
-        stuffed = b"." + stuffed
-    return stuffed + b".\r\n"
 
 
 class SmtpUpstreamSession:
@@ -148,16 +141,46 @@ class SmtpUpstreamSession:
         return await self.command(b"RCPT", b"TO:<" + _raw(address) + b">",
                                   *(o.encode("ascii") for o in options))
 
-    async def data(self, content: bytes) -> SMTPResponse:
-        """Send the message bytes as they are (no line-ending or encoding changes)."""
+    async def start_data(self) -> SMTPResponse:
+        """Send DATA; after a 354 the message goes with ``send`` and ``finish_data``."""
         response = await self.command(b"DATA")
-        if response.code != 354:
-            return response
+        protocol = self.smtp.protocol
+        if response.code == 354 and protocol is not None:
+            # aiosmtplib throws away what arrives while it awaits no reply: a server that
+            # answers early (a 421 before closing) must still be heard by finish_data.
+            protocol._response_pending = True
+        return response
+
+    def send(self, data: bytes) -> bool:
+        """Write message bytes as they are; True when ``drain`` must be awaited."""
         protocol = self.smtp.protocol
         try:
             if protocol is None:
                 raise aiosmtplib.SMTPServerDisconnected("connection lost")
-            protocol.write(dot_stuff(content))
+            protocol.write(data)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self.close()
+            raise UpstreamGone(describe_error(exc)) from None
+        # Set by the transport's pause_writing (also the TLS transport's) above its
+        # high-water mark: stop reading the client until the upstream has taken it.
+        return protocol._paused
+
+    async def drain(self) -> None:
+        protocol = self.smtp.protocol
+        try:
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost")
+            await asyncio.wait_for(protocol._drain_helper(), DATA_BLOCK_TIMEOUT)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            self.close()
+            raise UpstreamGone(describe_error(exc)) from None
+
+    async def finish_data(self) -> SMTPResponse:
+        """The server's reply to the end of the message (written by ``send``)."""
+        protocol = self.smtp.protocol
+        try:
+            if protocol is None:
+                raise aiosmtplib.SMTPServerDisconnected("connection lost")
             response = await protocol.read_response(timeout=DATA_END_TIMEOUT)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             self.close()

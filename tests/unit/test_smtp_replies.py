@@ -1,4 +1,4 @@
-"""SMTP reply mapping, enhanced status codes, dot-stuffing and the [smtp] settings."""
+"""SMTP reply mapping, enhanced status codes and the [smtp] settings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from proxy.smtp.replies import (
     format_reply,
     refusal_reply,
 )
-from proxy.smtp.upstream import dot_stuff
 
 
 def test_upstream_multiline_reply_is_passed_through() -> None:
@@ -72,18 +71,6 @@ def test_microsoft_smtp_auth_disabled_says_what_to_switch_on() -> None:
     flat = " ".join(line[10:] for line in reply.split("\r\n"))
     assert "SmtpClientAuthentication is disabled" in flat
     assert "Set-CASMailbox" in flat and "Authenticated SMTP" in MICROSOFT_SMTP_AUTH_DISABLED
-
-
-@pytest.mark.parametrize(("content", "wire"), [
-    (b"", b".\r\n"),
-    (b"a\r\n", b"a\r\n.\r\n"),
-    (b".\r\n", b"..\r\n.\r\n"),
-    (b"a\r\n.b\r\n..c\r\n.\r\n", b"a\r\n..b\r\n...c\r\n..\r\n.\r\n"),
-    (b"no final newline", b"no final newline\r\n.\r\n"),
-    (b"bare\n.lf\r\n", b"bare\n.lf\r\n.\r\n"),
-])
-def test_dot_stuffing(content: bytes, wire: bytes) -> None:
-    assert dot_stuff(content) == wire
 
 
 def test_smtp_settings_and_provider_recipient_caps() -> None:

@@ -1,0 +1,116 @@
+"""The message after DATA, streamed: the client's bytes go upstream as they arrive.
+
+The client's bytes are already dot-stuffed and end with ``CRLF . CRLF``, which is exactly what
+the upstream wants, so nothing is un-stuffed, re-stuffed or split into lines: ``EndOfData``
+only looks for the end marker, across chunk boundaries, and ``pump`` forwards whole chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .upstream import UpstreamGone
+
+END_MARK = b"\r\n.\r\n"
+# Big reads keep the per-byte cost in C (find, the socket calls, TLS); 256 KiB is what one
+# receive of asyncio's socket transport can deliver at most.
+CHUNK = 256 * 1024
+
+
+class EndOfData:
+    """Finds the end of the message (the line holding only ".") in chunks of any size.
+
+    Up to 4 bytes of what came before are kept, so a marker split over chunks (down to one
+    byte each) is found. The CRLF that ended the DATA command counts as the start: a message
+    whose first line is "." is empty.
+    """
+
+    def __init__(self) -> None:
+        self._tail = b"\r\n"
+
+    def feed(self, chunk: bytes) -> int:
+        """The index in ``chunk`` just after the end marker, or -1 if it is not complete yet."""
+        tail = self._tail
+        # A marker that starts in the tail ends within the first 4 bytes of the chunk.
+        at = (tail + chunk[:4]).find(END_MARK)
+        if at >= 0:
+            return at + len(END_MARK) - len(tail)
+        at = chunk.find(END_MARK)
+        if at >= 0:
+            return at + len(END_MARK)
+        self._tail = chunk[-4:] if len(chunk) >= 4 else (tail + chunk)[-4:]
+        return -1
+
+
+class Sink(Protocol):
+    """Where the message goes (``SmtpUpstreamSession``); both raise ``UpstreamGone``."""
+
+    def send(self, data: bytes) -> bool:
+        """Write ``data``; True when the writer is congested and ``drain`` must be awaited."""
+
+    async def drain(self) -> None: ...
+
+
+class Outcome(enum.Enum):
+    SENT = "sent"  # the whole message, end marker included, went upstream
+    TOO_BIG = "too big"  # over the size limit: the rest was read and thrown away
+    UPSTREAM_LOST = "upstream lost"  # the upstream broke: the rest was read and thrown away
+    CLIENT_GONE = "client gone"  # EOF before the end marker
+
+
+@dataclass
+class Result:
+    outcome: Outcome
+    size: int  # the message as the client sent it (dot-stuffed), without the final ".\r\n"
+    error: str = ""  # why the upstream was lost
+
+
+def unread(reader: asyncio.StreamReader, data: bytes) -> None:
+    """Give back bytes read past the end marker: the client's next command(s)."""
+    # StreamReader has no public way to push back; aiosmtpd itself reaches into _buffer.
+    reader._buffer[0:0] = data  # type: ignore[attr-defined]
+
+
+async def pump(reader: asyncio.StreamReader, sink: Sink, limit: int | None,
+               on_progress: Callable[[], None]) -> Result:
+    """Read the client's message up to its end marker and write it to ``sink`` unchanged.
+
+    Past ``limit`` (or when the sink breaks) nothing more is written, and in particular never
+    the end marker, but the client is still read to the end of its message so that the reply
+    reaches a client that is listening again. ``on_progress`` runs for every chunk (the idle
+    timer: a large upload is not idleness).
+    """
+    scanner = EndOfData()
+    total = 0
+    outcome = Outcome.SENT
+    error = ""
+    # Over the limit means: total minus the final ".\r\n" exceeds it.
+    budget = None if not limit else limit + 3
+    while True:
+        chunk = await reader.read(CHUNK)
+        if not chunk:
+            return Result(Outcome.CLIENT_GONE, max(total - 3, 0))
+        on_progress()
+        end = scanner.feed(chunk)
+        if end >= 0:
+            if end < len(chunk):
+                unread(reader, chunk[end:])
+                chunk = chunk[:end]
+        total += len(chunk)
+        if outcome is Outcome.SENT:
+            if budget is not None and total > budget:
+                # Checked before writing: the chunk holding the end marker of a message that
+                # is too big must never reach the upstream.
+                outcome = Outcome.TOO_BIG
+            else:
+                try:
+                    if sink.send(chunk):
+                        await sink.drain()
+                except UpstreamGone as exc:
+                    outcome, error = Outcome.UPSTREAM_LOST, str(exc)
+        if end >= 0:
+            return Result(outcome, total - 3, error)

@@ -1,0 +1,163 @@
+"""The streamed DATA path: the end-marker scanner fed in every chunking, and ``pump`` with an
+in-memory client stream and a fake upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+import pytest
+
+from proxy.smtp.data import CHUNK, EndOfData, Outcome, pump
+from proxy.smtp.upstream import UpstreamGone
+
+# Messages as the client sends them after DATA: dot-stuffed, ending with the end marker.
+WIRES = [
+    b".\r\n",  # the empty message
+    b"a\r\n.\r\n",
+    b"..\r\n.\r\n",  # one line holding "."
+    b"...\r\n.\r\n",  # one line holding ".."
+    b"a\r\n..b\r\n...c\r\n..\r\n.\r\n",
+    b"\r\n.\r\n",  # one empty line
+    b"x\r\n.\r.\n.\n.\r\n. \r\n.x\r\n.\r\n",  # bare CR/LF and near misses are content
+    b"line\r\n" * 50 + b".\r\n",
+]
+
+
+def find_end(wire: bytes, cuts: list[int]) -> tuple[int, int]:
+    """Feed ``wire`` cut at ``cuts``; (index of the chunk that ended it, offset in it)."""
+    scanner = EndOfData()
+    bounds = [0, *cuts, len(wire)]
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        end = scanner.feed(wire[a:b])
+        if end >= 0:
+            return i, a + end
+    return -1, -1
+
+
+@pytest.mark.parametrize("wire", WIRES)
+def test_end_found_at_every_split(wire: bytes) -> None:
+    for cut in range(1, len(wire)):
+        chunk, at = find_end(wire, [cut])
+        assert at == len(wire), (wire, cut)
+        assert chunk == (0 if cut >= len(wire) else 1)
+    assert find_end(wire, list(range(1, len(wire)))) == (len(wire) - 1, len(wire))
+
+
+@pytest.mark.parametrize("wire", WIRES)
+def test_end_found_in_random_chunkings_with_trailing_commands(wire: bytes) -> None:
+    rng = random.Random(len(wire))
+    data = wire + b"QUIT\r\n.\r\n"
+    for _ in range(200):
+        cuts = sorted(set(rng.sample(range(1, len(data)), k=min(len(data) - 1,
+                                                                 rng.randint(1, 6)))))
+        assert find_end(data, cuts)[1] == len(wire)
+
+
+def test_no_end_without_the_marker() -> None:
+    scanner = EndOfData()
+    for chunk in (b"a\r\n", b"..\r\n", b".", b"x\r\n", b"\r\n..", b"\r\n", b". \r\n", b"\r"):
+        assert scanner.feed(chunk) == -1
+    assert scanner.feed(b"\n.\r\n") == 4
+
+
+class FakeUpstream:
+    def __init__(self, fail_after: int | None = None, congested: bool = False) -> None:
+        self.received = bytearray()
+        self.fail_after = fail_after
+        self.congested = congested
+        self.drains = 0
+
+    def send(self, data: bytes) -> bool:
+        if self.fail_after is not None and len(self.received) + len(data) > self.fail_after:
+            raise UpstreamGone("connection reset by peer")
+        self.received += data
+        return self.congested
+
+    async def drain(self) -> None:
+        self.drains += 1
+
+
+async def run_pump(chunks: list[bytes], upstream: FakeUpstream, limit: int | None = None,
+                   eof: bool = False) -> tuple[Outcome, int, asyncio.StreamReader, int]:
+    reader = asyncio.StreamReader(limit=1001)  # aiosmtpd's
+
+    async def feed() -> None:
+        for chunk in chunks:
+            reader.feed_data(chunk)
+            await asyncio.sleep(0)
+        if eof:
+            reader.feed_eof()
+
+    ticks = 0
+
+    def tick() -> None:
+        nonlocal ticks
+        ticks += 1
+
+    feeder = asyncio.create_task(feed())
+    result = await asyncio.wait_for(pump(reader, upstream, limit, tick), 5)
+    await feeder
+    return result.outcome, result.size, reader, ticks
+
+
+async def test_pump_forwards_bytes_unchanged_and_leaves_the_next_command() -> None:
+    body = b"a\r\n..b\r\n..\r\n" + b"z" * 3000 + b"\r\n"
+    upstream = FakeUpstream(congested=True)
+    outcome, size, reader, ticks = await run_pump(
+        [body[:7], body[7:2500], body[2500:] + b".", b"\r\nQUIT\r\nNOOP\r\n"], upstream)
+    assert outcome is Outcome.SENT and size == len(body)
+    assert bytes(upstream.received) == body + b".\r\n"
+    assert upstream.drains == 4 and ticks == 4
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+    assert await reader.readuntil(b"\r\n") == b"NOOP\r\n"
+
+
+async def test_pump_empty_message_and_large_chunks() -> None:
+    upstream = FakeUpstream()
+    outcome, size, _, _ = await run_pump([b".\r\nQUIT\r\n"], upstream)
+    assert (outcome, size, bytes(upstream.received)) == (Outcome.SENT, 0, b".\r\n")
+    big = (b"x" * 998 + b"\r\n") * 1000  # 1 MB, arriving in one piece: read in CHUNKs
+    upstream = FakeUpstream()
+    outcome, size, _, ticks = await run_pump([big + b".\r\n"], upstream)
+    assert outcome is Outcome.SENT and size == len(big)
+    assert bytes(upstream.received) == big + b".\r\n"
+    assert ticks == -(-(len(big) + 3) // CHUNK)
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+async def test_pump_size_limit(extra: int) -> None:
+    body = b"y" * (98 + extra) + b"\r\n"  # 100 bytes: at the limit, or one more
+    upstream = FakeUpstream()
+    outcome, size, reader, _ = await run_pump([body[:50], body[50:], b".\r\nRSET\r\n"],
+                                              upstream, limit=100)
+    if extra:
+        assert outcome is Outcome.TOO_BIG and size == 101
+        assert b".\r\n" not in upstream.received  # never the end marker
+    else:
+        assert outcome is Outcome.SENT and size == 100
+        assert bytes(upstream.received) == body + b".\r\n"
+    assert await reader.readuntil(b"\r\n") == b"RSET\r\n"
+
+
+async def test_pump_too_big_in_the_chunk_holding_the_end() -> None:
+    upstream = FakeUpstream()
+    outcome, _, _, _ = await run_pump([b"a" * 50, b"b" * 60 + b"\r\n.\r\n"], upstream,
+                                      limit=100)
+    assert outcome is Outcome.TOO_BIG and bytes(upstream.received) == b"a" * 50
+
+
+async def test_pump_upstream_lost_reads_to_the_end() -> None:
+    upstream = FakeUpstream(fail_after=10)
+    outcome, _, reader, _ = await run_pump([b"a" * 8, b"b" * 8, b"\r\nc\r\n.\r\nQUIT\r\n"],
+                                           upstream)
+    assert outcome is Outcome.UPSTREAM_LOST and bytes(upstream.received) == b"a" * 8
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+
+
+async def test_pump_client_eof() -> None:
+    upstream = FakeUpstream()
+    outcome, _, _, _ = await run_pump([b"half a message\r\n."], upstream, eof=True)
+    assert outcome is Outcome.CLIENT_GONE
+    assert bytes(upstream.received) == b"half a message\r\n."
