@@ -101,8 +101,7 @@ class Relay:
                     await self._reconnect()
                     assert self.upstream is not None
                     upstream = self.upstream
-                # aiosmtpd parses the null reverse-path (bounces, DSNs) as "<>".
-                response = await upstream.mail("" if address == "<>" else address, options)
+                response = await upstream.mail(address, options)
             except Refusal as refusal:
                 return refusal_reply(refusal)
             except UpstreamGone as exc:

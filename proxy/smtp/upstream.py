@@ -134,7 +134,10 @@ class SmtpUpstreamSession:
         return response
 
     async def mail(self, address: str, options: list[str]) -> SMTPResponse:
-        return await self.command(b"MAIL", b"FROM:<" + _raw(address) + b">",
+        # aiosmtpd hands the null reverse-path (bounces, DSNs) over as "<>": wrapped once
+        # more it would be "<<>>", which Postfix forgives and stricter servers refuse.
+        path = b"<>" if address == "<>" else b"<" + _raw(address) + b">"
+        return await self.command(b"MAIL", b"FROM:" + path,
                                   *(o.encode("ascii") for o in options))
 
     async def rcpt(self, address: str, options: list[str]) -> SMTPResponse:

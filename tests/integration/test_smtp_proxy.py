@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import logging
 import os
 import shutil
@@ -486,3 +487,204 @@ async def test_3kb_access_token(harness: SmtpHarness, mail_user: str,
     assert same_message(stored, sent)
     log = harness.postfix.log_text()
     assert f"sasl_method={mechanism.upper()}, sasl_username={mail_user}" in log
+
+
+# ------------------------------------------------------------------- streamed DATA
+
+
+def stuff(content: bytes) -> bytes:
+    """What a client sends after DATA for ``content`` (CRLF lines): dots doubled, end added."""
+    wire = content.replace(b"\r\n.", b"\r\n..")
+    return (b"." + wire if wire.startswith(b".") else wire) + b".\r\n"
+
+
+async def logged_in(address: tuple[str, int], user: str) -> Raw:
+    raw = await Raw.connect(address)
+    await raw.cmd("EHLO client.example")
+    assert (await raw.cmd(f"AUTH PLAIN {plain(user, LOCAL_PASSWORD)}"))[:3] == "235"
+    return raw
+
+
+async def open_data(raw: Raw, sender: str, to: str) -> None:
+    assert (await raw.cmd(f"MAIL FROM:<{sender}>")).startswith("250 ")
+    assert (await raw.cmd(f"RCPT TO:<{to}>")).startswith("250 ")
+    assert (await raw.cmd("DATA")).startswith("354 ")
+
+
+async def write_in_pieces(raw: Raw, data: bytes, cuts: list[int], pause: float = 0.02) -> None:
+    """One TCP write per piece, apart in time, so the proxy reads them separately."""
+    for a, b in itertools.pairwise([0, *cuts, len(data)]):
+        raw.writer.write(data[a:b])
+        await raw.writer.drain()
+        await asyncio.sleep(pause)
+
+
+def lost_after_data(postfix: Postfix) -> int:
+    return postfix.log_text().count("lost connection after DATA")
+
+
+async def wait_lost_after_data(postfix: Postfix, before: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while lost_after_data(postfix) <= before:
+        assert time.monotonic() < deadline, "Postfix did not see the connection drop"
+        await asyncio.sleep(0.1)
+
+
+# Lines that are ".", "..", "..." and ".x" in the message, the last one just before the end.
+DOT_LINES = b".\r\n..\r\n...\r\n.x\r\n..y\r\n. \r\nmiddle\r\n.\r\n..\r\n"
+
+
+async def test_dot_lines_arrive_intact(harness: SmtpHarness, mail_user: str) -> None:
+    harness.provision(mail_user)
+    sent = message(mail_user, mail_user, DOT_LINES, "dot lines")
+    wire = stuff(sent)
+    assert b"\r\n...\r\n.\r\n" in wire  # the ".." line is sent as "...", right before the end
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        await open_data(raw, mail_user, mail_user)
+        raw.writer.write(wire)
+        assert (await raw.reply()).startswith("250 2.0.0 Ok: queued")
+        await raw.cmd("QUIT")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert same_message(stored, sent)
+
+
+async def test_end_marker_split_across_writes(harness: SmtpHarness, mail_user: str) -> None:
+    harness.provision(mail_user)
+    sent: list[bytes] = []
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        # Cut once at every position of the final "\r\n.\r\n" and just before it...
+        for back in range(1, 8):
+            sent.append(message(mail_user, mail_user, DOT_LINES, f"split {back}"))
+            wire = stuff(sent[-1])
+            await open_data(raw, mail_user, mail_user)
+            await write_in_pieces(raw, wire, [len(wire) - back])
+            assert (await raw.reply()).startswith("250 "), back
+        # ... one byte per write, and odd-sized pieces ending with a pipelined command.
+        sent.append(message(mail_user, mail_user, b"trickled\r\n" + DOT_LINES, "trickle"))
+        wire = stuff(sent[-1])
+        await open_data(raw, mail_user, mail_user)
+        await write_in_pieces(raw, wire, list(range(1, len(wire))), pause=0.001)
+        assert (await raw.reply()).startswith("250 ")
+        sent.append(message(mail_user, mail_user, b"odd\r\n" + DOT_LINES, "odd chunks"))
+        wire = stuff(sent[-1]) + b"NOOP\r\n"
+        await open_data(raw, mail_user, mail_user)
+        await write_in_pieces(raw, wire, list(range(7, len(wire), 7)))
+        assert (await raw.reply()).startswith("250 ")
+        assert (await raw.reply()).startswith("250 2.0.0")  # the NOOP read past the end
+        await raw.cmd("QUIT")
+        await raw.close()
+    stored = await wait_delivered(harness.dovecot, mail_user, len(sent))
+    for m in sent:
+        assert sum(same_message(s, m) for s in stored) == 1
+
+
+async def test_empty_message(harness: SmtpHarness, mail_user: str) -> None:
+    harness.provision(mail_user)
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        await open_data(raw, mail_user, mail_user)
+        assert (await raw.cmd(".")).startswith("250 2.0.0 Ok: queued")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert stored.endswith(b"\n\n") or b"\n\n" not in stored  # headers Postfix added, no body
+
+
+async def test_lines_longer_than_1000_octets(harness: SmtpHarness, mail_user: str) -> None:
+    # RFC 5321 allows 1000 octets, but mature servers take longer lines (Postfix, Gmail):
+    # the proxy relays them unchanged and lets the upstream decide.
+    harness.provision(mail_user)
+    long_lines = [b"a" * 1500, b"b" * 5000, (b"word " * 2000).rstrip()]
+    sent = message(mail_user, mail_user, b"\r\n".join(long_lines) + b"\r\n", "long lines")
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        await open_data(raw, mail_user, mail_user)
+        raw.writer.write(stuff(sent))
+        assert (await raw.reply()).startswith("250 2.0.0 Ok: queued")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    # Postfix delivers them folded (CRLF SP inserted near 998 octets): nothing is lost.
+    assert max(len(line) for line in stored.split(b"\n")) < 1000
+    assert stored.replace(b"\n ", b"").endswith(sent.replace(b"\r\n", b"\n"))
+
+
+async def test_null_sender(harness: SmtpHarness, mail_user: str) -> None:
+    harness.provision(mail_user)
+    sent = message("MAILER-DAEMON@example.test", mail_user, b"a bounce\r\n", "bounce")
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        assert (await raw.cmd("MAIL FROM:<>")).startswith("250 2.1.0")
+        assert (await raw.cmd(f"RCPT TO:<{mail_user}>")).startswith("250 ")
+        assert (await raw.cmd("DATA")).startswith("354 ")
+        raw.writer.write(stuff(sent))
+        assert (await raw.reply()).startswith("250 ")
+        assert (await raw.cmd("MAIL FROM:<> SIZE=100")).startswith("250 2.1.0")
+        await raw.cmd("QUIT")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert stored.startswith(b"Return-Path: <>\n") and same_message(stored, sent)
+    assert "from=<>" in harness.postfix.log_text()
+
+
+async def test_size_limit_exceeded_mid_stream(harness: SmtpHarness, mail_user: str) -> None:
+    harness.provision(mail_user)
+    settings = harness.smtp_settings(mail_user)
+    settings.smtp.max_message_size = 10_000
+    big = message(mail_user, mail_user, (b"q" * 98 + b"\r\n") * 500, "too big")
+    small = message(mail_user, mail_user, b"fits\r\n", "small")
+    before = lost_after_data(harness.postfix)
+    async with harness.run(settings) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        await open_data(raw, mail_user, mail_user)
+        wire = stuff(big)
+        await write_in_pieces(raw, wire, list(range(4096, len(wire), 4096)))
+        assert (await raw.reply()).startswith("552 5.3.4")
+        await wait_lost_after_data(harness.postfix, before)  # the upstream's DATA aborted
+        # The same session goes on: a new upstream connection for the next message.
+        await open_data(raw, mail_user, mail_user)
+        raw.writer.write(stuff(small))
+        assert (await raw.reply()).startswith("250 ")
+        await raw.cmd("QUIT")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert same_message(stored, small)
+
+
+async def test_client_disconnects_mid_data(harness: SmtpHarness, mail_user: str) -> None:
+    harness.provision(mail_user)
+    sent = message(mail_user, mail_user, (b"h" * 76 + b"\r\n") * 2000, "half")
+    wire = stuff(sent)
+    before = lost_after_data(harness.postfix)
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        await open_data(raw, mail_user, mail_user)
+        await write_in_pieces(raw, wire[:len(wire) // 2], [4096, 60_000])
+        raw.writer.transport.abort()
+        await wait_lost_after_data(harness.postfix, before)
+        # The proxy carries on with other sessions.
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        await open_data(raw, mail_user, mail_user)
+        raw.writer.write(b"Subject: after\r\n\r\nafter\r\n.\r\n")
+        assert (await raw.reply()).startswith("250 ")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert stored.endswith(b"\nafter\n")
+
+
+async def test_slow_upload_is_not_idle(harness: SmtpHarness, mail_user: str) -> None:
+    harness.provision(mail_user)
+    settings = harness.smtp_settings(mail_user)
+    settings.smtp.idle_timeout = 0.5
+    sent = message(mail_user, mail_user, (b"s" * 76 + b"\r\n") * 100, "slow")
+    wire = stuff(sent)
+    async with harness.run(settings) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        await open_data(raw, mail_user, mail_user)
+        # About 2 s in all, never more than 0.2 s without a byte.
+        await write_in_pieces(raw, wire, list(range(800, len(wire), 800)), pause=0.2)
+        assert (await raw.reply()).startswith("250 ")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert same_message(stored, sent)
