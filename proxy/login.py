@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from .config import Account, Settings
-from .passwords import PasswordBook
 from .tokens.errors import AuthorizationRequired, TokenError
 from .tokens.manager import AccessToken, TokenManager
+from .tokens.vault import Vault
 
 log = logging.getLogger("mailproxy.login")
 
@@ -53,24 +53,29 @@ class Upstream(Protocol):
 
 
 def authorize_hint(account: Account) -> str:
-    return f"run `mailproxy token import {account.address}`"
+    return f"run `mailproxy authorize {account.address}`"
 
 
 @dataclass
 class Gate:
     settings: Settings
-    passwords: PasswordBook
+    vault: Vault
     tokens: TokenManager
 
     async def check_password(self, username: str, password: str) -> Account:
         account = self.settings.account(username)
         if account is None:
             raise Refusal("credentials", "Invalid credentials")
-        if not self.passwords.has(account.key):
-            raise Refusal("credentials", f"no local password is set for {account.address}: "
-                          f"run `mailproxy password set {account.address}`")
-        if not await self.passwords.verify(account.key, password):
+        key = account.key
+        if not self.vault.exists(key) and not self.vault.has_legacy(key):
+            raise Refusal("authorization", f"account {account.address} is not authorized yet: "
+                          f"{authorize_hint(account)}")
+        was_open = self.vault.is_open(key)
+        if not await self.vault.unlock(key, password):
             raise Refusal("credentials", "Invalid credentials")
+        if not was_open:
+            log.info("token vault of %s opened by a client login", account.address)
+            self.tokens.wake()  # background refresh can start for this account
         return account
 
     async def log_in(self, proto: str, username: str, password: str,

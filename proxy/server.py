@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from .config import Settings, parse_hostport
 from .login import Gate, authorize_hint
 from .net import Conn
-from .passwords import PasswordBook
+from .tokens.keys import load_master_key
 from .tokens.manager import TokenManager
-from .tokens.store import FileTokenStore
+from .tokens.vault import Vault
 
 log = logging.getLogger("mailproxy")
 
@@ -26,9 +26,7 @@ class Daemon:
     def __init__(self, settings: Settings, gate: Gate | None = None) -> None:
         self.settings = settings
         if gate is None:
-            store = FileTokenStore(settings.state_dir)
-            gate = Gate(settings, PasswordBook(settings.state_dir),
-                        TokenManager(settings.accounts, store, settings.tokens))
+            gate = make_gate(settings)
         self.gate = gate
         self.servers: dict[str, asyncio.Server] = {}
         self.ready = asyncio.Event()
@@ -65,6 +63,7 @@ class Daemon:
             self.servers["smtp"] = await smtp.start(
                 *parse_hostport(self.settings.smtp.listen), backlog=LISTEN_BACKLOG)
             log.info("smtp listening on %s:%d", *self.address("smtp"))
+            await asyncio.to_thread(self._open_vaults)
             self._report_accounts()
             refresher = tg.create_task(self.gate.tokens.run(), name="token-refresher")
             self.ready.set()
@@ -77,16 +76,37 @@ class Daemon:
         # Let a token request already on the wire finish, so a rotated token is not lost.
         await self.gate.tokens.aclose()
 
+    def _open_vaults(self) -> None:
+        """Migrate the earlier plain store and, with a master key, open every vault now."""
+        vault = self.gate.vault
+        for account in self.settings.accounts:
+            try:
+                vault.migrate(account.key)
+                if vault.has_master_key and vault.exists(account.key):
+                    if vault.open_with_master(account.key):
+                        vault.ensure_master_slot(account.key)
+                    else:
+                        log.warning("account %s: the master key does not open its vault (a "
+                                    "different key?); it opens at the first client login and "
+                                    "gets a slot for this key then", account.address)
+            except (OSError, ValueError) as exc:
+                log.error("account %s: token vault unusable: %s", account.address, exc)
+
     def _report_accounts(self) -> None:
         """Say at start-up what each account still needs, before a client finds out."""
+        vault = self.gate.vault
         for account in self.settings.accounts:
+            if not vault.exists(account.key) and not vault.has_legacy(account.key):
+                log.warning("account %s is not authorized yet: %s", account.address,
+                            authorize_hint(account))
+                continue
             status = self.gate.tokens.status(account.key)
-            if not status["authorized"]:
+            if status["locked"]:
+                log.info("account %s: token vault locked until the first client login",
+                         account.address)
+            elif not status["authorized"]:
                 log.warning("account %s is not authorized (%s): %s", account.address,
                             status["needs_authorization"], authorize_hint(account))
-            if not self.gate.passwords.has(account.key):
-                log.warning("account %s has no local password: run `mailproxy password set %s`",
-                            account.address, account.address)
 
     def _factory(self, proto: str, session: Session) -> Callable[[], Conn]:
         def make() -> Conn:
@@ -120,6 +140,16 @@ class Daemon:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+def make_gate(settings: Settings) -> Gate:
+    """The vault and the token manager for ``settings``; raises ``MasterKeyError``."""
+    master = load_master_key(settings.vault.master_key) if settings.vault.master_key else None
+    vault = Vault(settings.state_dir, master_key=master)
+    tokens = TokenManager(settings.accounts, vault, settings.tokens,
+                          failure_threshold=settings.notify.failure_threshold,
+                          deadline_lead=settings.notify.before_deadline * 3600.0)
+    return Gate(settings, vault, tokens)
 
 
 async def serve(settings: Settings) -> None:

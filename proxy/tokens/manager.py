@@ -27,6 +27,7 @@ import httpx
 from ..config import Account, TokenSettings
 from .errors import AuthorizationRequired, TokenError, TokenUnavailable
 from .store import TokenState, TokenStore
+from .vault import VaultError
 
 with warnings.catch_warnings():
     # authlib 1.9 prefers the new "httpx2" package and warns on every start when it falls back to
@@ -72,6 +73,14 @@ _TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 # unauthorized_client are not: they are fixed in the configuration, and a mark would survive
 # that fix and the restart after it.
 _MARKING_ERRORS = frozenset({"invalid_grant", "interaction_required", "consent_required"})
+# An account no client asked a token for in this long is idle: its access token is no longer
+# refreshed ahead of expiry, only every `keepalive_days` to keep the refresh token alive.
+ACTIVE_WINDOW = 6 * 3600.0
+LOCKED_REASON = ("the token vault is locked: it opens at the first client login with a local "
+                 "password, or at start-up with [vault] master_key")
+
+# (account, event, reason, deadline): the daemon turns these into notifications.
+EventSink = Callable[[Account, str, str, float | None], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,15 @@ class _Slot:
     jitter: float = 0.0
     not_before: float = 0.0
     failures: int = 0
+    # When a client last asked for a token (or the daemon started): active accounts are kept
+    # refreshed ahead of expiry.
+    last_used: float = 0.0
+    last_result: str | None = None
+    next_refresh: float | None = None
+    # Notifications waiting for the run loop: (event, reason, deadline).
+    events: list[tuple[str, str, float | None]] = field(default_factory=list)
+    failing_since: float | None = None
+    deadline_queued: float | None = None
 
 
 def _when(epoch: float) -> str:
@@ -161,14 +179,22 @@ class TokenManager:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         transport: httpx.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
+        events: EventSink | None = None,
+        failure_threshold: int = 3,
+        deadline_lead: float = 24 * 3600.0,
     ) -> None:
-        self._slots = {account.key: _Slot(account) for account in accounts}
+        now = clock()
+        self._slots = {account.key: _Slot(account, last_used=now) for account in accounts}
         self._store = store
         self._settings = settings
         self._clock = clock
         self._sleep = sleep
         self._transport = transport
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
+        self._events = events
+        self._failure_threshold = failure_threshold
+        self._deadline_lead = deadline_lead
+        self._wake: asyncio.Event | None = None
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -184,7 +210,8 @@ class TokenManager:
     # -- the API for sessions -------------------------------------------------------------------
 
     async def get_token(
-        self, account_key: str, *, force_refresh: bool = False, rejected: str | None = None
+        self, account_key: str, *, force_refresh: bool = False, rejected: str | None = None,
+        background: bool = False,
     ) -> AccessToken:
         """A valid access token for the account (KeyError if it is not configured).
 
@@ -195,6 +222,10 @@ class TokenManager:
         state = self._sync(slot)
         if state.needs_authorization:
             raise AuthorizationRequired(account_key, state.needs_authorization)
+        if state.locked:
+            raise TokenUnavailable(account_key, LOCKED_REASON)
+        if not background:
+            slot.last_used = self._clock()
         if not force_refresh:
             cached = self._cached(state)
             if cached is not None and cached.value != rejected:
@@ -207,39 +238,54 @@ class TokenManager:
         return await asyncio.shield(task)
 
     def status(self, account_key: str) -> dict[str, object]:
-        """What the CLI shows; no secrets."""
+        """What ``mailproxy status`` shows; no secrets."""
         slot = self._slot(account_key)
-        flow = slot.account.flow
+        account = slot.account
         try:
             state = self._sync(slot)
         except TokenError as exc:
-            return {"account": account_key, "flow": flow, "authorized": False,
-                    "needs_authorization": exc.reason}
+            return {"account": account.address, "flow": account.flow, "authorized": False,
+                    "needs_authorization": exc.reason, "locked": None}
         reason = state.needs_authorization
-        if reason is None and flow == "service_account":
-            reason = "flow 'service_account' is not supported yet"
-        elif reason is None and flow in _REFRESH_FLOWS and not state.refresh_token:
-            reason = "no refresh token stored"
+        if reason is None and not state.locked and account.flow in _REFRESH_FLOWS \
+                and not state.refresh_token:
+            reason = "not authorized yet"
         return {
-            "account": account_key,
-            "flow": flow,
+            "account": account.address,
+            "flow": account.flow,
             "authorized": reason is None,
             "needs_authorization": reason,
+            "locked": state.locked,
             "access_token_valid": self._cached(state) is not None,
             "expires_at": state.expires_at,
             "last_refresh": state.last_refresh,
+            "last_result": slot.last_result,
             "last_error": state.last_error,
+            "next_refresh": self._due(slot),
             "refreshing": slot.task is not None,
+            "consecutive_failures": slot.failures,
+            "active": self._active(slot),
+            "authorized_at": state.authorized_at,
+            "refresh_token_deadline": self._deadline(slot, state),
         }
 
+    def wake(self) -> None:
+        """Re-plan the background refresh now (an account was just unlocked)."""
+        if self._wake is not None:
+            self._wake.set()
+
     async def run(self) -> None:
-        """Refresh tokens ahead of expiry until cancelled."""
+        """Refresh tokens ahead of expiry, deliver events, until cancelled."""
+        self._wake = asyncio.Event()
         while True:
+            self._wake.clear()
             now = self._clock()
             due: list[_Slot] = []
             wake = now + BACKGROUND_POLL
             for slot in self._slots.values():
+                self._check_deadline(slot, now)
                 when = self._due(slot)
+                slot.next_refresh = when
                 if when is None:
                     continue
                 if when <= now:
@@ -251,8 +297,61 @@ class TokenManager:
                 async with asyncio.TaskGroup() as group:
                     for slot in due:
                         group.create_task(self._background_refresh(slot))
+            await self._deliver_events()
+            if due:
                 continue
-            await self._sleep(wake - now)
+            await self._nap(wake - now)
+
+    async def _nap(self, seconds: float) -> None:
+        assert self._wake is not None
+        sleeper = asyncio.ensure_future(self._sleep(seconds))
+        waker = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((sleeper, waker), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sleeper, waker):
+                task.cancel()
+            await asyncio.gather(sleeper, waker, return_exceptions=True)
+
+    def _queue_event(self, slot: _Slot, event: str, reason: str,
+                     deadline: float | None = None) -> None:
+        if self._events is None:
+            return
+        slot.events.append((event, reason, deadline))
+        self.wake()
+
+    async def _deliver_events(self) -> None:
+        if self._events is None:
+            return
+        for slot in self._slots.values():
+            while slot.events:
+                event, reason, deadline = slot.events.pop(0)
+                try:
+                    await self._events(slot.account, event, reason, deadline)
+                except Exception:  # a notification must never stop the refresher
+                    log.exception("%s: sending the %s notification failed", slot.account.key,
+                                  event)
+
+    def _deadline(self, slot: _Slot, state: TokenState) -> float | None:
+        days = slot.account.refresh_token_lifetime_days
+        if days is None or state.authorized_at is None or slot.account.flow not in \
+                _REFRESH_FLOWS:
+            return None
+        return state.authorized_at + days * 86400.0
+
+    def _check_deadline(self, slot: _Slot, now: float) -> None:
+        state = slot.state
+        deadline = self._deadline(slot, state)
+        if deadline is None or state.needs_authorization:
+            return
+        if now >= deadline - self._deadline_lead and slot.deadline_queued != deadline:
+            slot.deadline_queued = deadline
+            left = max(0.0, deadline - now)
+            self._queue_event(slot, "deadline_approaching",
+                              f"the refresh token of {slot.account.address} stops working at "
+                              f"{_when(deadline)} (in {left / 3600:.1f} h): sign in again before "
+                              f"then with `mailproxy authorize {slot.account.address}`",
+                              deadline)
 
     async def aclose(self) -> None:
         tasks = [slot.task for slot in self._slots.values() if slot.task is not None]
@@ -281,7 +380,8 @@ class TokenManager:
         try:
             # `loaded`: the store's change tracking is per store object, and someone else may
             # have used this one before us.
-            if not slot.loaded or self._store.changed(key):
+            # A locked state is re-read each time: a client login may have opened the vault.
+            if not slot.loaded or slot.state.locked or self._store.changed(key):
                 slot.state = self._store.load(key)
                 slot.loaded = True
                 slot.disk_refresh = slot.state.refresh_token
@@ -325,15 +425,15 @@ class TokenManager:
         state = self._sync(slot)
         if state.needs_authorization:
             raise AuthorizationRequired(key, state.needs_authorization)
-        if account.flow == "service_account":
-            raise AuthorizationRequired(key, "flow 'service_account' is not supported yet")
+        if state.locked:
+            raise TokenUnavailable(key, LOCKED_REASON)
         base = slot.disk_refresh
         used: str | None = None
         if account.flow in _REFRESH_FLOWS:
             if not state.refresh_token:
                 raise AuthorizationRequired(key, "no refresh token stored")
             used = state.refresh_token
-        grant = "refresh_token" if used else "client_credentials"
+        grant = "refresh_token" if used else account.flow
 
         try:
             token = await self._request_with_retries(slot, used)
@@ -343,10 +443,14 @@ class TokenManager:
             log.warning("%s: %s grant refused: %s", key, grant, reason)
             mark = used is not None and exc.code in _MARKING_ERRORS
             await self._note_failure(slot, base, reason, mark=mark)
+            slot.last_result = f"refused: {reason}"
+            if mark:
+                self._queue_event(slot, "authorization_required", reason)
             raise AuthorizationRequired(key, reason) from None
         except TokenUnavailable as exc:
             log.warning("%s: %s grant failed: %s", key, grant, exc.reason)
             await self._note_failure(slot, base, exc.reason, mark=False)
+            slot.last_result = f"failed: {exc.reason}"
             raise
 
         now = self._clock()
@@ -369,7 +473,7 @@ class TokenManager:
             # Microsoft rotated it and we crashed after using the access token, the user would
             # have to sign in again.
             await self._commit(slot, apply)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, VaultError) as exc:
             # Keep the rotated refresh token in memory (the old one may be dead now) but hand out
             # nothing unsaved: the next request rotates again and retries the save.
             if rotated:
@@ -378,6 +482,7 @@ class TokenManager:
             raise TokenUnavailable(key, f"could not save token state: {exc}") from None
         log.info("%s: %s grant ok, access token valid until %s%s", key, grant, _when(expires_at),
                  ", refresh token rotated" if rotated else "")
+        slot.last_result = "ok" + (", refresh token rotated" if rotated else "")
         return AccessToken(access, expires_at, fresh=True)
 
     async def _note_failure(self, slot: _Slot, base: str | None, reason: str, *,
@@ -389,7 +494,7 @@ class TokenManager:
 
         try:
             await self._commit(slot, apply)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, VaultError) as exc:
             log.error("%s: could not record the failure in the token store: %s",
                       slot.account.key, exc)
             if mark:  # still stop asking the provider until the store changes
@@ -483,6 +588,9 @@ class TokenManager:
 
     # -- background refresh ---------------------------------------------------------------------
 
+    def _active(self, slot: _Slot) -> bool:
+        return self._clock() - slot.last_used < ACTIVE_WINDOW
+
     def _due(self, slot: _Slot) -> float | None:
         """When the account should be refreshed next; None: nothing to refresh."""
         try:
@@ -491,10 +599,17 @@ class TokenManager:
             log.warning("%s: %s", exc.account, exc.reason)
             return None
         flow = slot.account.flow
-        if state.needs_authorization or flow == "service_account":
+        if state.needs_authorization or state.locked:
             return None
         if flow in _REFRESH_FLOWS and not state.refresh_token:
             return None
+        if not self._active(slot):
+            # Idle: no access token ahead of need, but use the refresh token every
+            # `keepalive_days` (Microsoft's die after 90 days unused, Google's after 6 months).
+            keepalive = self._settings.keepalive_days * 86400.0
+            if flow not in _REFRESH_FLOWS or keepalive <= 0:
+                return None
+            return max((state.last_refresh or 0.0) + keepalive, slot.not_before)
         if not state.access_token or state.expires_at is None:
             return slot.not_before  # nothing cached: get one now (and learn early if it fails)
         if slot.jitter_for != state.expires_at:  # one draw per token, not per wake-up
@@ -510,7 +625,8 @@ class TokenManager:
         key = slot.account.key
         try:
             # rejected=: if a login refreshed the token meanwhile, there is nothing to do.
-            await self.get_token(key, rejected=slot.state.access_token)
+            await self.get_token(key, rejected=slot.state.access_token,
+                                 force_refresh=not self._active(slot), background=True)
         except TokenUnavailable as exc:
             slot.failures += 1
             delay = min(BACKGROUND_CAP, BACKGROUND_BASE * 2 ** (slot.failures - 1))
@@ -518,6 +634,11 @@ class TokenManager:
             slot.not_before = self._clock() + delay
             log.warning("%s: background refresh failed (%s); next try in %.0f s", key,
                         exc.reason, delay)
+            if slot.failures == self._failure_threshold:
+                slot.failing_since = self._clock()
+                self._queue_event(slot, "refresh_failing",
+                                  f"{slot.failures} background refreshes in a row failed; "
+                                  f"last: {exc.reason}")
             return
         except AuthorizationRequired as exc:
             # A marked account is skipped until the store changes; this slow retry is for the
@@ -530,5 +651,9 @@ class TokenManager:
             slot.not_before = self._clock() + BACKGROUND_CAP
             log.exception("%s: background refresh crashed", key)
             return
+        if slot.failing_since is not None:
+            self._queue_event(slot, "recovered", f"refreshing works again after "
+                              f"{slot.failures} failures")
+            slot.failing_since = None
         slot.failures = 0
         slot.not_before = self._clock() + BACKGROUND_MIN_INTERVAL

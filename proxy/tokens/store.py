@@ -23,7 +23,9 @@ from urllib.parse import quote
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 _FORMAT = 1
-_NUMBER_FIELDS = frozenset({"expires_at", "last_refresh"})
+_NUMBER_FIELDS = frozenset({"expires_at", "last_refresh", "authorized_at"})
+# In memory only: whether the vault could be opened.
+_TRANSIENT_FIELDS = frozenset({"locked"})
 # Well under NAME_MAX (255) once a suffix is added; percent-encoding can triple a name's length.
 _MAX_NAME = 200
 
@@ -41,9 +43,15 @@ class TokenState:
     needs_authorization: str | None = None  # why a person must sign in again; None: fine
     last_refresh: float | None = None
     last_error: str | None = None
+    # When the current refresh token was obtained (a sign-in or an import), for known deadlines.
+    authorized_at: float | None = None
+    # The vault holding the tokens is not open: the tokens above are None for that reason.
+    locked: bool = False
 
     def to_json(self) -> bytes:
         data: dict[str, Any] = {"format": _FORMAT, **asdict(self)}
+        for name in _TRANSIENT_FIELDS:
+            data.pop(name, None)
         return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
@@ -55,7 +63,7 @@ class TokenState:
         values: dict[str, Any] = {}
         for f in fields(cls):
             value = data.get(f.name)
-            if value is None:
+            if value is None or f.name in _TRANSIENT_FIELDS:
                 continue
             if f.name in _NUMBER_FIELDS:
                 if isinstance(value, bool) or not isinstance(value, int | float):

@@ -60,7 +60,12 @@ async def test_password_import_run_login_and_clean_stop(
     done = mailproxy("password", "set", mail_user, "--config", str(config), stdin="local pw\n")
     assert done.returncode == 0, done.stderr
     rt = token_server.authority.issue_refresh_token(mail_user, TEST_CLIENT_ID)
-    done = mailproxy("token", "import", mail_user, "--config", str(config), stdin=rt + "\n")
+    # The vault exists now: the second line is the local password that opens it.
+    done = mailproxy("token", "import", mail_user, "--config", str(config),
+                     stdin=rt + "\nwrong pw\n")
+    assert done.returncode == 1 and "does not open the vault" in done.stderr
+    done = mailproxy("token", "import", mail_user, "--config", str(config),
+                     stdin=rt + "\nlocal pw\n")
     assert done.returncode == 0, done.stderr
     assert "token works" in done.stdout
     state = config.parent / "state"
@@ -68,6 +73,7 @@ async def test_password_import_run_login_and_clean_stop(
     files = [p for p in state.rglob("*") if p.is_file()]
     assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
     assert not any(b"local pw" in p.read_bytes() for p in files)
+    assert not any(rt.encode() in p.read_bytes() for p in files)
 
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "run", "--config", str(config), cwd=ROOT,
@@ -101,7 +107,8 @@ def test_import_of_a_revoked_token_fails_clearly(config: Path, token_server: Tok
                                                  mail_user: str) -> None:
     rt = token_server.authority.issue_refresh_token(mail_user, TEST_CLIENT_ID)
     token_server.authority.revoke_refresh_token(rt)
-    done = mailproxy("token", "import", mail_user, "--config", str(config), stdin=rt + "\n")
+    done = mailproxy("token", "import", mail_user, "--config", str(config),
+                     stdin=rt + "\nnew pw\n")
     assert done.returncode == 1
     assert "refused this refresh token" in done.stderr and "invalid_grant" in done.stderr
     assert "Traceback" not in done.stderr and rt not in done.stderr
@@ -114,7 +121,7 @@ def test_unknown_account_and_empty_input(config: Path, mail_user: str) -> None:
     assert f"no account 'nobody@example.test' in the configuration (accounts: {mail_user})" \
         in done.stderr
     done = mailproxy("password", "set", mail_user, "--config", str(config), stdin="")
-    assert done.returncode == 2 and "nothing on standard input" in done.stderr
+    assert done.returncode == 2 and "expected a line on standard input" in done.stderr
 
 
 def test_config_from_environment_variable(config: Path, mail_user: str) -> None:
@@ -143,8 +150,8 @@ async def test_readme_first_command_runs_the_example_config(tmp_path: Path) -> N
         else:
             pytest.fail("mailproxy run did not start listening")
         status = tagged_status(await client.login("someone@gmail.com", "pw")).decode()
-        assert status == ("t1 NO [AUTHENTICATIONFAILED] no local password is set for "
-                          "someone@gmail.com: run `mailproxy password set someone@gmail.com`")
+        assert status == ("t1 NO [AUTHENTICATIONFAILED] account someone@gmail.com is not "
+                          "authorized yet: run `mailproxy authorize someone@gmail.com`")
         await client.close()
         proc.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.wait_for(proc.communicate(), 20)
@@ -153,5 +160,5 @@ async def test_readme_first_command_runs_the_example_config(tmp_path: Path) -> N
             proc.kill()
             await proc.wait()
     assert proc.returncode == 0
-    assert ("account someone@gmail.com is not authorized (no refresh token stored): run "
-            "`mailproxy token import someone@gmail.com`") in stderr.decode()
+    assert ("account someone@gmail.com is not authorized yet: run "
+            "`mailproxy authorize someone@gmail.com`") in stderr.decode()

@@ -12,8 +12,9 @@ import aioimaplib
 import pytest
 from pydantic import SecretStr
 
-from proxy.passwords import PasswordBook
-from proxy.tokens.store import FileTokenStore, TokenState
+from proxy.config import VaultSettings
+from proxy.tokens.store import TokenState
+from proxy.tokens.vault import Vault
 from tests.support.dovecot import Dovecot, free_port
 from tests.support.imapclient import RawImap, tagged_status
 from tests.support.proxyrun import LOCAL_PASSWORD, ProxyHarness
@@ -161,7 +162,7 @@ async def test_real_client_append_and_idle(harness: ProxyHarness, dovecot: Dovec
 async def test_wrong_password_is_refused_without_touching_tokens(
         harness: ProxyHarness, token_server: TokenServer, mail_user: str) -> None:
     harness.provision(mail_user)
-    state_before = FileTokenStore(harness.state_dir).load(mail_user)
+    state_before = harness.store(mail_user).load(mail_user)
     async with harness.run(harness.settings(harness.account(mail_user))) as daemon:
         client = await connect(daemon.address("imap"))
         reply = await client.login(mail_user, "wrong password")
@@ -172,7 +173,7 @@ async def test_wrong_password_is_refused_without_touching_tokens(
         assert tagged_status(await client.login(mail_user, LOCAL_PASSWORD)).startswith(b"t3 OK")
         await client.close()
     assert len(token_server.authority.requests_for()) == 1  # only the good login asked
-    assert FileTokenStore(harness.state_dir).load(mail_user).refresh_token == \
+    assert harness.store(mail_user).load(mail_user).refresh_token == \
         state_before.refresh_token
 
 
@@ -191,14 +192,14 @@ async def test_expired_access_token_is_refreshed_between_logins(
         assert tagged_status(await client.login(mail_user, LOCAL_PASSWORD)).startswith(b"t1 OK")
         await client.close()
     assert len(token_server.authority.requests_for("refresh_token")) >= 2
-    stored = FileTokenStore(harness.state_dir).load(mail_user)
+    stored = harness.store(mail_user).load(mail_user)
     assert stored.refresh_token not in (None, first_rt)  # the rotated one was kept
 
 
 async def test_fifty_concurrent_logins_with_expired_token_make_one_request(
         harness: ProxyHarness, token_server: TokenServer, mail_user: str) -> None:
     rt = harness.provision(mail_user)
-    FileTokenStore(harness.state_dir).save(mail_user, TokenState(
+    harness.store(mail_user).save(mail_user, TokenState(
         refresh_token=rt, access_token="expired", expires_at=time.time() - 60))
     token_server.authority.token_delay = 0.5  # all fifty arrive while the request is open
     async with harness.run(harness.settings(harness.account(mail_user))) as daemon:
@@ -234,11 +235,11 @@ async def test_revoked_refresh_token_says_which_command_to_run(
             assert status.startswith(f"t1 NO [AUTHENTICATIONFAILED] account {mail_user} is not "
                                      "authorized: ")
             assert "invalid_grant" in status
-            assert status.endswith(f"run `mailproxy token import {mail_user}`")
+            assert status.endswith(f"run `mailproxy authorize {mail_user}`")
             await client.close()
     # Marked as needing authorization: the second login did not ask the endpoint again.
     assert len(token_server.authority.requests_for()) == 1
-    assert FileTokenStore(harness.state_dir).load(mail_user).needs_authorization
+    assert harness.store(mail_user).load(mail_user).needs_authorization
 
 
 async def test_token_endpoint_down_gives_unavailable(
@@ -332,7 +333,7 @@ async def test_closed_port_and_no_secrets_in_logs(harness: ProxyHarness, mail_us
         await client.login(mail_user, LOCAL_PASSWORD)
         await client.command("NOOP")
         await client.close()
-    state = FileTokenStore(harness.state_dir).load(mail_user)
+    state = harness.store(mail_user).load(mail_user)
     assert state.access_token
     text = caplog.text + "".join(repr(r.args) for r in caplog.records)
     for secret in (LOCAL_PASSWORD, "wrong-password-xyz", rt, state.access_token,
@@ -359,7 +360,7 @@ async def test_long_token_with_each_mechanism(harness: ProxyHarness, token_serve
         client = await connect(daemon.address("imap"))
         assert tagged_status(await client.login(mail_user, LOCAL_PASSWORD)).startswith(b"t1 OK")
         await client.close()
-    stored = FileTokenStore(harness.state_dir).load(mail_user)
+    stored = harness.store(mail_user).load(mail_user)
     assert stored.access_token is not None and len(stored.access_token) >= 3000
 
 
@@ -367,7 +368,7 @@ async def test_client_credentials_account(harness: ProxyHarness, token_server: T
                                           mail_user: str) -> None:
     app_id = f"app-{mail_user}"
     token_server.authority.register_client(app_id, "app-secret", app_only_user=mail_user)
-    PasswordBook(harness.state_dir).set(mail_user, LOCAL_PASSWORD)  # no refresh token at all
+    Vault(harness.state_dir).create(mail_user, password=LOCAL_PASSWORD)  # no refresh token
     account = harness.account(mail_user, flow="client_credentials").model_copy(
         update={"client_id": app_id, "client_secret": SecretStr("app-secret")})
     async with harness.run(harness.settings(account)) as daemon:
@@ -390,11 +391,17 @@ async def test_idle_client_before_login_is_dropped_with_bye(harness: ProxyHarnes
         await client.close()
 
 
-async def test_background_refresh_runs_before_any_login(harness: ProxyHarness,
-                                                        token_server: TokenServer,
-                                                        mail_user: str) -> None:
-    harness.provision(mail_user)  # a refresh token, no access token yet
-    async with harness.run(harness.settings(harness.account(mail_user))) as daemon:
+MASTER_KEY = "test master key, 32 bytes or so.."
+
+
+async def test_background_refresh_with_master_key_runs_before_any_login(
+        harness: ProxyHarness, token_server: TokenServer, mail_user: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILPROXY_TEST_MASTER", MASTER_KEY)
+    harness.provision(mail_user, master_key=MASTER_KEY.encode())  # no access token yet
+    settings = harness.settings(harness.account(mail_user)).model_copy(
+        update={"vault": VaultSettings(master_key="env:MAILPROXY_TEST_MASTER")})
+    async with harness.run(settings) as daemon:
         async with asyncio.timeout(10):
             while not token_server.authority.requests_for("refresh_token"):
                 await asyncio.sleep(0.05)
@@ -403,6 +410,23 @@ async def test_background_refresh_runs_before_any_login(harness: ProxyHarness,
         await client.close()
     # The login found the token the refresher had fetched: no request of its own.
     assert len(token_server.authority.requests_for()) == 1
+
+
+async def test_without_master_key_refresh_waits_for_the_first_login(
+        harness: ProxyHarness, token_server: TokenServer, mail_user: str) -> None:
+    harness.provision(mail_user)
+    # Tokens living 4 s are refreshed halfway through their life by the background refresher.
+    token_server.authority.access_token_lifetime = 4
+    async with harness.run(harness.settings(harness.account(mail_user))) as daemon:
+        await asyncio.sleep(1.5)
+        assert token_server.authority.requests_for() == []  # locked: nothing can be refreshed
+        client = await connect(daemon.address("imap"))
+        assert tagged_status(await client.login(mail_user, LOCAL_PASSWORD)).startswith(b"t1 OK")
+        await client.close()
+        assert len(token_server.authority.requests_for("refresh_token")) == 1
+        async with asyncio.timeout(10):  # now open: the background refresher takes over
+            while len(token_server.authority.requests_for("refresh_token")) < 2:
+                await asyncio.sleep(0.05)
 
 
 async def test_account_without_imap_server_gets_a_clear_no(harness: ProxyHarness,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.tokens.store import FileTokenStore, TokenState
+from proxy.tokens.store import TokenState
 from tests.support.dovecot import Dovecot
 from tests.support.proxyrun import LOCAL_PASSWORD, ProxyHarness
 from tests.support.tokenserver import TEST_CLIENT_SECRET, TokenServer
@@ -265,14 +265,14 @@ async def test_expired_access_token_is_refreshed(harness: ProxyHarness,
                                                  token_server: TokenServer,
                                                  mail_user: str) -> None:
     rt = harness.provision(mail_user)
-    FileTokenStore(harness.state_dir).save(mail_user, TokenState(
+    harness.store(mail_user).save(mail_user, TokenState(
         refresh_token=rt, access_token="expired", expires_at=time.time() - 60))
     async with harness.run(harness.settings(harness.account(mail_user))) as daemon:
         client = await RawPop3.connect(*daemon.address("pop3"))
         assert await client.login(mail_user, LOCAL_PASSWORD) == b"+OK Logged in\r\n"
         await client.close()
     assert len(token_server.authority.requests_for("refresh_token")) == 1
-    assert FileTokenStore(harness.state_dir).load(mail_user).access_token != "expired"
+    assert harness.store(mail_user).load(mail_user).access_token != "expired"
 
 
 async def test_token_revoked_on_the_server_is_refreshed_once(harness: ProxyHarness,
@@ -301,7 +301,7 @@ async def test_revoked_refresh_token_says_which_command_to_run(
         reply = (await client.login(mail_user, LOCAL_PASSWORD)).decode()
         assert reply.startswith(f"-ERR [AUTH] account {mail_user} is not authorized: ")
         assert "invalid_grant" in reply
-        assert reply.endswith(f"run `mailproxy token import {mail_user}`\r\n")
+        assert reply.endswith(f"run `mailproxy authorize {mail_user}`\r\n")
         await client.close()
 
 
@@ -346,7 +346,7 @@ async def test_no_secrets_in_logs(harness: ProxyHarness, mail_user: str,
         await client.login(mail_user, LOCAL_PASSWORD)
         await client.command("STAT")
         await client.close()
-    state = FileTokenStore(harness.state_dir).load(mail_user)
+    state = harness.store(mail_user).load(mail_user)
     text = caplog.text + "".join(repr(r.args) for r in caplog.records)
     for secret in (LOCAL_PASSWORD, "wrong-password-xyz", rt, state.access_token or "",
                    TEST_CLIENT_SECRET):

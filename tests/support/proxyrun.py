@@ -17,9 +17,9 @@ from proxy.config import (
     SmtpListener,
     TokenSettings,
 )
-from proxy.passwords import PasswordBook
 from proxy.server import Daemon
-from proxy.tokens.store import FileTokenStore, TokenState
+from proxy.tokens.store import TokenState
+from proxy.tokens.vault import Vault
 from tests.support.dovecot import Dovecot
 from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
 
@@ -56,13 +56,20 @@ class ProxyHarness:
                         smtp=SmtpListener(listen="127.0.0.1:0"),
                         tokens=TokenSettings(**token_settings), accounts=list(accounts))
 
-    def provision(self, address: str, password: str = LOCAL_PASSWORD) -> str:
+    def provision(self, address: str, password: str = LOCAL_PASSWORD, *,
+                  master_key: bytes | None = None) -> str:
         """Set the local password and store a fresh refresh token; returns the token."""
-        key = address.casefold()
-        PasswordBook(self.state_dir).set(key, password)
         refresh_token = self.token_server.authority.issue_refresh_token(address, TEST_CLIENT_ID)
-        FileTokenStore(self.state_dir).save(key, TokenState(refresh_token=refresh_token))
+        Vault(self.state_dir, master_key=master_key).create(
+            address.casefold(), password=password, state=TokenState(refresh_token=refresh_token))
         return refresh_token
+
+    def store(self, address: str, password: str = LOCAL_PASSWORD) -> Vault:
+        """The account's vault, opened with its local password (as the CLI would)."""
+        vault = Vault(self.state_dir)
+        if not vault.open_with_password(address.casefold(), password):
+            raise AssertionError(f"the vault of {address} does not open with the password")
+        return vault
 
     @contextlib.asynccontextmanager
     async def run(self, settings: Settings) -> AsyncIterator[Daemon]:

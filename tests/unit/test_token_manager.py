@@ -369,12 +369,6 @@ async def test_no_refresh_token(env: Env) -> None:
     assert env.endpoint.forms == []
 
 
-async def test_service_account_not_supported(env: Env) -> None:
-    with pytest.raises(AuthorizationRequired, match="not supported yet"):
-        await env.manager(make_account(flow="service_account")).get_token(KEY)
-    assert env.endpoint.forms == []
-
-
 async def test_unknown_account(env: Env) -> None:
     with pytest.raises(KeyError):
         await env.manager().get_token("bob@example.com")
