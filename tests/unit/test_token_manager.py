@@ -118,11 +118,19 @@ class Env:
         self.clock.now += delay
         await asyncio.sleep(0)
 
-    def manager(self, account: Account | None = None, **settings: Any) -> TokenManager:
+    events: list[tuple[str, str, str, float | None]] = field(default_factory=list)
+
+    async def record(self, account: Account, event: str, reason: str,
+                     deadline: float | None) -> None:
+        self.events.append((account.key, event, reason, deadline))
+
+    def manager(self, account: Account | None = None, *, threshold: int = 3,
+                deadline_lead: float = 24 * 3600.0, **settings: Any) -> TokenManager:
         manager = TokenManager(
             [account or make_account()], self.store, TokenSettings(**settings),
             clock=self.clock, sleep=self.sleep, transport=httpx.MockTransport(self.endpoint),
-            rng=random.Random(7))
+            rng=random.Random(7), events=self.record, failure_threshold=threshold,
+            deadline_lead=deadline_lead)
         self.managers.append(manager)
         return manager
 
@@ -519,6 +527,66 @@ async def test_background_and_login_share_the_request(env: Env) -> None:
     with pytest.raises(asyncio.CancelledError):
         await runner
     assert len(env.endpoint.forms) == 1
+
+
+async def test_idle_account_is_kept_alive_every_n_days(env: Env) -> None:
+    """No client for 6 h: access tokens are no longer refreshed ahead of need, but the refresh
+    token is used every `keepalive_days` so it does not die unused."""
+    manager = env.manager(refresh_before=300, jitter=0, keepalive_days=7)
+    await run_until(manager, lambda: env.clock.now > T0 + 30 * 86400)
+    at = env.endpoint.at
+    active = [t for t in at if t < T0 + 6 * 3600 + 3600]
+    idle = [t for t in at if t >= T0 + 6 * 3600 + 3600]
+    assert len(active) == 7  # hourly while the start-up counts as activity
+    assert [round((b - a) / 86400, 3) for a, b in zip(idle, idle[1:], strict=False)] == \
+        [7.0, 7.0, 7.0]
+    assert idle[0] - active[-1] == pytest.approx(7 * 86400)
+    # A client comes back: the token it gets is fresh, and hourly refresh resumes.
+    before = len(at)
+    token = await manager.get_token(KEY)
+    assert len(at) == before + 1 and token.fresh
+    await run_until(manager, lambda: len(at) >= before + 3)
+    assert at[-1] - at[-2] == pytest.approx(3600 - 300)
+
+
+async def test_keepalive_zero_leaves_idle_accounts_alone(env: Env) -> None:
+    manager = env.manager(refresh_before=300, jitter=0, keepalive_days=0)
+    await run_until(manager, lambda: env.clock.now > T0 + 60 * 86400)
+    assert all(t < T0 + 8 * 3600 for t in env.endpoint.at)
+
+
+async def test_invalid_grant_event_once(env: Env) -> None:
+    env.endpoint.script.append(oauth_error(400, "invalid_grant", "AADSTS50173: revoked"))
+    manager = env.manager()
+    await run_until(manager, lambda: len(env.events) >= 1)
+    for _ in range(3):
+        with pytest.raises(AuthorizationRequired):
+            await manager.get_token(KEY)
+    await run_until(manager, lambda: env.clock.now > T0 + 3600)
+    assert env.events == [(KEY, "authorization_required", "invalid_grant: AADSTS50173: revoked",
+                           None)]
+
+
+async def test_refresh_failing_after_threshold_then_recovered(env: Env) -> None:
+    env.endpoint.script.extend([httpx.Response(503)] * 4)
+    manager = env.manager(retries=0, threshold=3)
+    await run_until(manager, lambda: len(env.endpoint.forms) >= 5)
+    await run_until(manager, lambda: len(env.events) >= 2)
+    assert [e[1] for e in env.events] == ["refresh_failing", "recovered"]
+    assert "3 background refreshes in a row failed" in env.events[0][2]
+    assert "HTTP 503" in env.events[0][2]
+
+
+async def test_deadline_warning_once_before_a_known_lifetime(env: Env) -> None:
+    env.store.save(KEY, TokenState(refresh_token="RT-SECRET-1", authorized_at=T0))
+    manager = env.manager(make_account(refresh_token_lifetime_days=7), deadline_lead=86400,
+                          keepalive_days=0)
+    await run_until(manager, lambda: env.clock.now > T0 + 6.5 * 86400)
+    assert [e[1] for e in env.events] == ["deadline_approaching"]
+    _, _, reason, deadline = env.events[0]
+    assert deadline == T0 + 7 * 86400
+    assert "mailproxy authorize Alice@example.com" in reason
+    assert manager.status(KEY)["refresh_token_deadline"] == T0 + 7 * 86400
 
 
 # -- no secrets in logs or status ---------------------------------------------------------------
