@@ -18,7 +18,6 @@ import webbrowser
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
@@ -201,6 +200,7 @@ def _open(vault: Vault, account: Account, purpose: str) -> None:
 
 
 def _run(settings: Settings, defaults: bool) -> int:
+    from .control import ControlError
     from .server import serve
     from .tokens.keys import MasterKeyError
 
@@ -212,7 +212,7 @@ def _run(settings: Settings, defaults: bool) -> int:
         log.warning("no accounts configured: every login will be refused")
     try:
         asyncio.run(serve(settings))
-    except MasterKeyError as exc:
+    except (MasterKeyError, ControlError) as exc:
         raise CliError(f"cannot start: {exc}") from None
     except OSError as exc:
         raise CliError(f"cannot start: {exc}") from None
@@ -445,15 +445,11 @@ async def _authorize(settings: Settings, account: Account, args: argparse.Namesp
 # -- status ---------------------------------------------------------------------------------
 
 
-def control_path(settings: Settings) -> Path:
-    return settings.control_socket or settings.state_dir / "control.sock"
-
-
 def _status(settings: Settings, *, as_json: bool) -> int:
     from .control import ControlError, query_sync
 
     try:
-        reply = query_sync(control_path(settings), "status")
+        reply = query_sync(settings.control_path, "status")
     except ControlError as exc:
         raise CliError(f"the daemon's status socket did not answer properly: {exc}") from None
     if reply is not None and "accounts" in reply:
@@ -481,10 +477,9 @@ def _disk_status(settings: Settings, account: Account) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         return {**base, "authorized": False, "needs_authorization": f"vault unreadable: {exc}"}
     if not exists:
-        reason = ("stored by an earlier version; moved into the vault at the next start"
-                  if vault.has_legacy(key) else "not authorized yet")
-        return {**base, "authorized": vault.has_legacy(key), "needs_authorization":
-                None if vault.has_legacy(key) else reason, "locked": None}
+        legacy = vault.has_legacy(key)  # moved into a vault at the next start or login
+        return {**base, "authorized": legacy, "locked": None,
+                "needs_authorization": None if legacy else "not authorized yet"}
     reason: str | None = meta.get("needs_authorization")
     app_only = account.flow in ("client_credentials", "service_account")
     if reason is None and not app_only and not meta.get("has_refresh_token"):

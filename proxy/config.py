@@ -341,6 +341,10 @@ class Settings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
+    @property
+    def control_path(self) -> Path:
+        return self.control_socket or self.state_dir / "control.sock"
+
     def account(self, login: str) -> Account | None:
         wanted = login.casefold()
         for account in self.accounts:

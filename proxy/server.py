@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from .config import Settings, parse_hostport
+from . import __version__
+from .config import Account, Settings, parse_hostport
+from .control import ControlServer
 from .login import Gate, authorize_hint
 from .net import Conn
+from .notify import Event, Notifier, event_key
 from .tokens.keys import load_master_key
 from .tokens.manager import TokenManager
-from .tokens.vault import Vault
+from .tokens.vault import Vault, VaultError
 
 log = logging.getLogger("mailproxy")
 
@@ -28,6 +34,14 @@ class Daemon:
         if gate is None:
             gate = make_gate(settings)
         self.gate = gate
+        master = settings.vault.master_key or ""
+        self.notifier = Notifier(settings.notify, drop_env=[master[4:]] if master.startswith(
+            "env:") else [])
+        gate.tokens.set_event_sink(self._on_event)
+        self.control = ControlServer(settings.control_path, self._control)
+        self.started = time.time()
+        # Per account: the notifications sent by this process (event, time, results).
+        self.sent: dict[str, list[dict[str, Any]]] = {}
         self.servers: dict[str, asyncio.Server] = {}
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -64,6 +78,7 @@ class Daemon:
                 *parse_hostport(self.settings.smtp.listen), backlog=LISTEN_BACKLOG)
             log.info("smtp listening on %s:%d", *self.address("smtp"))
             await asyncio.to_thread(self._open_vaults)
+            await self.control.start()
             self._report_accounts()
             refresher = tg.create_task(self.gate.tokens.run(), name="token-refresher")
             self.ready.set()
@@ -72,9 +87,47 @@ class Daemon:
             for server in self.servers.values():
                 server.close()
             refresher.cancel()
-            await asyncio.gather(self._drain(), smtp.drain(SHUTDOWN_GRACE))
+            await asyncio.gather(self._drain(), smtp.drain(SHUTDOWN_GRACE),
+                                 self.control.aclose())
         # Let a token request already on the wire finish, so a rotated token is not lost.
         await self.gate.tokens.aclose()
+        await self.notifier.aclose()
+
+    async def _on_event(self, account: Account, name: str, reason: str,
+                        deadline: float | None) -> None:
+        """A token event from the manager: notify once (remembered in the vault across
+        restarts for the events that persist)."""
+        if not self.notifier.enabled:
+            log.info("%s: %s (%s); no [notify] hook configured", account.address, name, reason)
+            return
+        event = Event(account.address, name, reason, time.time(), deadline)  # type: ignore[arg-type]
+        if name in ("authorization_required", "deadline_approaching"):
+            mark = f"{name}:{deadline:.0f}" if deadline is not None else event_key(event)
+            try:
+                if not await asyncio.to_thread(self.gate.vault.mark_notified, account.key, mark):
+                    return  # sent before, maybe by an earlier run of the daemon
+            except (OSError, ValueError, VaultError) as exc:
+                log.warning("%s: cannot record the notification: %s", account.address, exc)
+        results = await self.notifier.send(event)
+        self.sent.setdefault(account.key, []).append(
+            {"event": name, "at": event.at, "results": results})
+
+    async def _control(self, command: str) -> dict[str, Any]:
+        accounts = []
+        for account in self.settings.accounts:
+            status = self.gate.tokens.status(account.key)
+            try:
+                slots = await asyncio.to_thread(self.gate.vault.slots, account.key)
+                meta = await asyncio.to_thread(self.gate.vault.meta, account.key)
+            except (OSError, ValueError):
+                slots, meta = [], {}
+            status["passwords"] = sum(1 for s in slots if s.type != "master")
+            status["master_key_slot"] = any(s.type == "master" for s in slots)
+            status["notifications"] = meta.get("notified") or {}
+            status["sent_this_run"] = self.sent.get(account.key, [])
+            accounts.append(status)
+        return {"pid": os.getpid(), "version": __version__, "started": self.started,
+                "accounts": accounts}
 
     def _open_vaults(self) -> None:
         """Migrate the earlier plain store and, with a master key, open every vault now."""

@@ -196,6 +196,9 @@ class TokenManager:
         self._deadline_lead = deadline_lead
         self._wake: asyncio.Event | None = None
 
+    def set_event_sink(self, events: EventSink) -> None:
+        self._events = events
+
     @property
     def clock(self) -> Callable[[], float]:
         """The clock expiry times are measured with (``expires_at - clock()`` = seconds left)."""

@@ -415,18 +415,20 @@ async def test_background_refresh_with_master_key_runs_before_any_login(
 async def test_without_master_key_refresh_waits_for_the_first_login(
         harness: ProxyHarness, token_server: TokenServer, mail_user: str) -> None:
     harness.provision(mail_user)
-    # Tokens living 4 s are refreshed halfway through their life by the background refresher.
-    token_server.authority.access_token_lifetime = 4
     async with harness.run(harness.settings(harness.account(mail_user))) as daemon:
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.0)
         assert token_server.authority.requests_for() == []  # locked: nothing can be refreshed
+        status = daemon.gate.tokens.status(mail_user)
+        assert status["locked"] is True and status["next_refresh"] is None
         client = await connect(daemon.address("imap"))
         assert tagged_status(await client.login(mail_user, LOCAL_PASSWORD)).startswith(b"t1 OK")
         await client.close()
         assert len(token_server.authority.requests_for("refresh_token")) == 1
-        async with asyncio.timeout(10):  # now open: the background refresher takes over
-            while len(token_server.authority.requests_for("refresh_token")) < 2:
-                await asyncio.sleep(0.05)
+        # Open now: the background refresher plans the next refresh ahead of expiry.
+        status = daemon.gate.tokens.status(mail_user)
+        assert status["locked"] is False and status["authorized"] is True
+        assert isinstance(status["expires_at"], float)
+        assert status["next_refresh"] == pytest.approx(status["expires_at"] - 300, abs=61)
 
 
 async def test_account_without_imap_server_gets_a_clear_no(harness: ProxyHarness,
