@@ -6,53 +6,20 @@ import asyncio
 import os
 import signal
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.clirun import ROOT, listen_port, mailproxy, write_config
 from tests.support.dovecot import Dovecot, free_port
 from tests.support.imapclient import RawImap, tagged_status
 from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def mailproxy(*args: str, stdin: str = "", env: dict[str, str] | None = None
-              ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "proxy", *args], input=stdin, text=True,
-                          capture_output=True, cwd=ROOT, timeout=60, env=env)
-
 
 @pytest.fixture
 def config(tmp_path: Path, token_server: TokenServer, dovecot: Dovecot, mail_user: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(f"""
-state_dir = "{tmp_path / 'state'}"
-[imap]
-listen = "127.0.0.1:{free_port()}"
-[pop3]
-listen = "127.0.0.1:{free_port()}"
-[smtp]
-listen = "127.0.0.1:{free_port()}"
-[[accounts]]
-address = "{mail_user}"
-provider = "custom"
-client_id = "{TEST_CLIENT_ID}"
-client_secret = "{TEST_CLIENT_SECRET}"
-token_url = "{token_server.token_url}"
-scopes = ["mail"]
-imap_server = "{dovecot.host}:{dovecot.imaps_port}"
-imap_tls = "implicit"
-ca_file = "{dovecot.ca_file}"
-""")
-    return path
-
-
-def listen_port(config: Path) -> int:
-    line = next(x for x in config.read_text().splitlines() if x.startswith("listen"))
-    return int(line.rsplit(":", 1)[1].rstrip('"'))
+    return write_config(tmp_path, token_server, dovecot, mail_user)
 
 
 async def test_password_import_run_login_and_clean_stop(
