@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from collections import deque
@@ -538,7 +539,7 @@ async def test_idle_account_is_kept_alive_every_n_days(env: Env) -> None:
     active = [t for t in at if t < T0 + 6 * 3600 + 3600]
     idle = [t for t in at if t >= T0 + 6 * 3600 + 3600]
     assert len(active) == 7  # hourly while the start-up counts as activity
-    assert [round((b - a) / 86400, 3) for a, b in zip(idle, idle[1:], strict=False)] == \
+    assert [round((b - a) / 86400, 3) for a, b in itertools.pairwise(idle)] == \
         [7.0, 7.0, 7.0]
     assert idle[0] - active[-1] == pytest.approx(7 * 86400)
     # A client comes back: the token it gets is fresh, and hourly refresh resumes.
