@@ -132,6 +132,8 @@ class Daemon:
     def _open_vaults(self) -> None:
         """Migrate the earlier plain store and, with a master key, open every vault now."""
         vault = self.gate.vault
+        if vault.sweep_temporary():
+            log.info("removed temporary files left by an interrupted write")
         for account in self.settings.accounts:
             try:
                 vault.migrate(account.key)

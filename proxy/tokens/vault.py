@@ -550,6 +550,20 @@ class Vault:
             async with self._kdf_slots:
                 return await asyncio.to_thread(self.open_with_password, account_key, password)
 
+    def sweep_temporary(self, older_than: float = 60.0) -> int:
+        """Remove temporary files a killed process left behind mid-write (never a live one:
+        a write takes milliseconds). Returns how many went."""
+        removed = 0
+        with contextlib.suppress(FileNotFoundError):
+            for path in self._dir.iterdir():
+                if not (path.name.startswith(".") and path.name.endswith(".tmp")):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - path.stat().st_mtime >= older_than:
+                        path.unlink()
+                        removed += 1
+        return removed
+
     # -- the earlier plain store ----------------------------------------------------------------
 
     def _legacy_paths(self, account_key: str) -> tuple[Path, Path]:
