@@ -524,13 +524,27 @@ class TokenManager:
         raise TokenUnavailable(slot.account.key, reason, retry_after=failure.retry_after)
 
     async def _request(self, slot: _Slot, used: str | None) -> dict[str, Any]:
+        # Here, not at the top: flows imports this module's helpers.
+        from .flows import FlowError, app_token_form, client_auth_params
+
         client = self._client(slot)
-        url = slot.account.token_url
+        account = slot.account
+        url = account.token_url or ""
         try:
+            # A certificate credential signs a fresh client assertion per request; a secret
+            # goes in by authlib's client_secret_post.
             if used is not None:
-                token = await client.refresh_token(url, refresh_token=used)
+                extra = client_auth_params(account, url, now=self._clock()) \
+                    if account.client_certificate else {}
+                token = await client.refresh_token(url, refresh_token=used, **extra)
+            elif account.client_certificate or account.flow == "service_account":
+                form = app_token_form(account, now=self._clock())
+                form.pop("client_id", None)  # authlib adds it
+                token = await client.fetch_token(url, **form)
             else:
                 token = await client.fetch_token(url, grant_type="client_credentials")
+        except FlowError as exc:  # an unreadable key or certificate file
+            raise _Refused("invalid_client", str(exc)) from None
         except OAuthError as exc:
             code = str(exc.error or "oauth_error")
             description = " ".join(str(exc.description or "").split())[:_REASON_MAX] or None
@@ -558,7 +572,8 @@ class TokenManager:
             account = slot.account
             secret = account.client_secret.get_secret_value() if account.client_secret else None
             slot.client = AsyncOAuth2Client(
-                client_id=account.client_id,
+                # A service account identifies itself by the signed assertion alone.
+                client_id=account.client_id or None,
                 client_secret=secret,
                 # Both providers take client_secret_post; public clients send only client_id.
                 token_endpoint_auth_method="client_secret_post" if secret else "none",

@@ -614,3 +614,88 @@ async def test_clock_is_exposed(env: Env) -> None:
     manager = env.manager()
     token = await manager.get_token(KEY)
     assert token.expires_at - manager.clock() == 3600
+
+
+# -- certificate and service account credentials ------------------------------------------------
+
+def _rsa_files(tmp: Path) -> tuple[Path, Path, Any]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailproxy test app")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    cert_path, key_path = tmp / "app.crt", tmp / "app.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key_pem)
+    return cert_path, key_path, key
+
+
+def _verified_claims(jwt: str, key: Any) -> dict[str, Any]:
+    import base64
+    import json
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    def unb64(part: str) -> bytes:
+        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+    header, claims, signature = jwt.split(".")
+    key.public_key().verify(unb64(signature), f"{header}.{claims}".encode(),
+                            padding.PKCS1v15(), hashes.SHA256())
+    return dict(json.loads(unb64(claims)))
+
+
+async def test_certificate_credential_signs_each_refresh(env: Env) -> None:
+    cert, key_file, key = _rsa_files(env.tmp)
+    manager = env.manager(make_account(client_secret=None, client_certificate=cert,
+                                       client_certificate_key=key_file))
+    await manager.get_token(KEY)
+    await manager.get_token(KEY, force_refresh=True)
+    assertions = []
+    for form in env.endpoint.forms:
+        assert form["grant_type"] == "refresh_token" and "client_secret" not in form
+        assert form["client_assertion_type"] == \
+            "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+        claims = _verified_claims(form["client_assertion"], key)
+        assert claims["iss"] == claims["sub"] == "cid"
+        assert claims["aud"] == "https://login.example/token"
+        assertions.append(claims["jti"])
+    assert len(set(assertions)) == 2  # never replayed
+
+
+async def test_service_account_jwt_bearer(env: Env) -> None:
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+
+    _, _, key = _rsa_files(env.tmp)
+    sa = env.tmp / "sa.json"
+    sa.write_text(json.dumps({
+        "type": "service_account", "client_email": "robot@project.iam.gserviceaccount.com",
+        "private_key_id": "kid1", "token_uri": "https://login.example/token",
+        "private_key": key.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()).decode()}))
+    manager = env.manager(make_account(flow="service_account", client_id="",
+                                       client_secret=None, service_account_file=sa,
+                                       scopes=["https://mail.google.com/"]))
+    token = await manager.get_token(KEY)
+    assert token.value == "AT-SECRET-1"
+    (form,) = env.endpoint.forms
+    assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    claims = _verified_claims(form["assertion"], key)
+    assert claims["iss"] == "robot@project.iam.gserviceaccount.com"
+    assert claims["sub"] == "Alice@example.com"
+    assert claims["scope"] == "https://mail.google.com/"
+    assert "refresh_token" not in form and "client_secret" not in form
