@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -23,6 +24,7 @@ from ..core.sasl import (
 )
 from ..login import Refusal, UpstreamError, UpstreamRejection
 from ..net import client_tls_context, describe_error
+from .wire import Channel, ReplyError
 
 log = logging.getLogger("mailproxy.smtp")
 
@@ -55,6 +57,8 @@ class SmtpUpstreamSession:
         self.description = str(server)
         self.timeout = timeout
         self.mechanism: Mechanism | None = None
+        self.channel: Channel | None = None
+        self.extensions: dict[str, str] = {}
         implicit = server.tls == "implicit"
         self.smtp = aiosmtplib.SMTP(
             hostname=server.host, port=server.port, use_tls=implicit,
@@ -103,104 +107,142 @@ class SmtpUpstreamSession:
             raise Refusal("unavailable", f"{self.description}: connection lost during AUTH "
                           f"({describe_error(exc)}); try again later") from None
         if response.code == 235:
+            self._attach()
             return None
         return UpstreamRejection(one_line(response), temporary=400 <= response.code < 500)
 
     def close(self) -> None:
+        self.channel = None
         self.smtp.close()
+
+    def _attach(self) -> None:
+        # Logged in: from here on the connection is relayed through a Channel.
+        transport = self.smtp.transport
+        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+            return  # gone already: ``connected`` is False and the next MAIL reconnects
+        self.extensions = dict(self.smtp.esmtp_extensions)
+        self.channel = Channel(transport)
 
     # -- relay ---------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
-        return self.smtp.is_connected
+        return self.channel is not None and self.channel.open
 
     @property
     def size_limit(self) -> int | None:
         """The server's SIZE, if it announced one."""
-        value = self.smtp.esmtp_extensions.get("size", "")
+        value = self.extensions.get("size", "")
         return int(value) if value.isdigit() and int(value) > 0 else None
 
-    async def command(self, *args: bytes, timeout: float | None = None) -> SMTPResponse:
+    @property
+    def pipelining(self) -> bool:
+        """RFC 2920: the server takes several commands before it replies."""
+        return "pipelining" in self.extensions
+
+    async def _exchange(self, lines: bytes, count: int,
+                        timeout: float | None = None) -> list[SMTPResponse]:
+        """Write ``lines`` (``count`` commands) and read their replies."""
+        channel = self.channel
         try:
-            response = await self.smtp.execute_command(
-                *args, timeout=self.timeout if timeout is None else timeout)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            if channel is None:
+                raise ConnectionResetError("not connected")
+            channel.write(lines)
+            async with asyncio.timeout(self.timeout if timeout is None else timeout):
+                replies = [await channel.reply() for _ in range(count)]
+        except (OSError, ReplyError, TimeoutError) as exc:
             self.close()
             raise UpstreamGone(describe_error(exc)) from None
-        if response.code == 421:  # the server is closing the connection
-            self.close()
-            raise UpstreamGone(one_line(response))
-        return response
+        for response in replies:
+            if response.code == 421:  # the server is closing the connection
+                self.close()
+                raise UpstreamGone(one_line(response))
+        return replies
+
+    async def command(self, *args: bytes, timeout: float | None = None) -> SMTPResponse:
+        return (await self._exchange(b" ".join(args) + b"\r\n", 1, timeout))[0]
 
     async def mail(self, address: str, options: list[str]) -> SMTPResponse:
-        # aiosmtpd hands the null reverse-path (bounces, DSNs) over as "<>": wrapped once
-        # more it would be "<<>>", which Postfix forgives and stricter servers refuse.
-        path = b"<>" if address == "<>" else b"<" + _raw(address) + b">"
-        return await self.command(b"MAIL", b"FROM:" + path,
-                                  *(o.encode("ascii") for o in options))
+        line = _mail_line(address, options)
+        if _CONTROL.search(line):
+            return _BAD_ARGUMENT
+        return (await self._exchange(line + b"\r\n", 1))[0]
 
     async def rcpt(self, address: str, options: list[str]) -> SMTPResponse:
-        return await self.command(b"RCPT", b"TO:<" + _raw(address) + b">",
-                                  *(o.encode("ascii") for o in options))
+        line = _rcpt_line(address, options)
+        if _CONTROL.search(line):
+            return _BAD_ARGUMENT
+        return (await self._exchange(line + b"\r\n", 1))[0]
+
+    async def mail_rcpt(self, sender: str, sender_options: list[str], recipient: str,
+                        recipient_options: list[str]) -> tuple[SMTPResponse, SMTPResponse]:
+        """MAIL and the first RCPT in one write (needs ``pipelining``), both replies."""
+        mail, rcpt = _mail_line(sender, sender_options), _rcpt_line(recipient,
+                                                                    recipient_options)
+        if _CONTROL.search(mail):
+            return _BAD_ARGUMENT, _BAD_ARGUMENT
+        if _CONTROL.search(rcpt):
+            return await self.mail(sender, sender_options), _BAD_ARGUMENT
+        first, second = await self._exchange(mail + b"\r\n" + rcpt + b"\r\n", 2)
+        return first, second
 
     async def start_data(self) -> SMTPResponse:
         """Send DATA; after a 354 the message goes with ``send`` and ``finish_data``."""
-        response = await self.command(b"DATA")
-        protocol = self.smtp.protocol
-        if response.code == 354 and protocol is not None:
-            # aiosmtplib throws away what arrives while it awaits no reply: a server that
-            # answers early (a 421 before closing) must still be heard by finish_data.
-            protocol._response_pending = True
-        return response
+        return await self.command(b"DATA")
 
     def send(self, data: bytes) -> bool:
-        """Write message bytes as they are; True when ``drain`` must be awaited."""
-        protocol = self.smtp.protocol
+        """Write message bytes as they are; True when ``drain`` must be awaited (the
+        transport, the TLS one too, is above its high-water mark)."""
+        channel = self.channel
         try:
-            if protocol is None:
-                raise aiosmtplib.SMTPServerDisconnected("connection lost")
-            protocol.write(data)
-        except (aiosmtplib.SMTPException, OSError) as exc:
+            if channel is None:
+                raise ConnectionResetError("not connected")
+            return channel.write(data)
+        except OSError as exc:
             self.close()
             raise UpstreamGone(describe_error(exc)) from None
-        # Set by the transport's pause_writing (also the TLS transport's) above its
-        # high-water mark: stop reading the client until the upstream has taken it.
-        return protocol._paused
 
     async def drain(self) -> None:
-        protocol = self.smtp.protocol
+        channel = self.channel
         try:
-            if protocol is None:
-                raise aiosmtplib.SMTPServerDisconnected("connection lost")
-            await asyncio.wait_for(protocol._drain_helper(), DATA_BLOCK_TIMEOUT)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            if channel is None:
+                raise ConnectionResetError("not connected")
+            async with asyncio.timeout(DATA_BLOCK_TIMEOUT):
+                await channel.drain()
+        except (OSError, TimeoutError) as exc:
             self.close()
             raise UpstreamGone(describe_error(exc)) from None
 
     async def finish_data(self) -> SMTPResponse:
         """The server's reply to the end of the message (written by ``send``)."""
-        protocol = self.smtp.protocol
-        try:
-            if protocol is None:
-                raise aiosmtplib.SMTPServerDisconnected("connection lost")
-            response = await protocol.read_response(timeout=DATA_END_TIMEOUT)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            self.close()
-            raise UpstreamGone(describe_error(exc)) from None
-        if response.code == 421:
-            self.close()
-            raise UpstreamGone(one_line(response))
-        return response
+        return (await self._exchange(b"", 1, DATA_END_TIMEOUT))[0]
 
     async def quit(self) -> None:
         try:
             if self.connected:
-                await self.smtp.execute_command(b"QUIT", timeout=5.0)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                await self._exchange(b"QUIT\r\n", 1, 5.0)
+        except UpstreamGone:
             pass
         finally:
             self.close()
+
+
+# aiosmtplib refused these (ValueError) in command arguments: they would break the line.
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+_BAD_ARGUMENT = SMTPResponse(501, "5.5.4 Control characters are not allowed in an address "
+                             "or its parameters")
+
+
+def _mail_line(address: str, options: list[str]) -> bytes:
+    # aiosmtpd hands the null reverse-path (bounces, DSNs) over as "<>": wrapped once
+    # more it would be "<<>>", which Postfix forgives and stricter servers refuse.
+    path = b"<>" if address == "<>" else b"<" + _raw(address) + b">"
+    return b" ".join([b"MAIL FROM:" + path, *(_raw(o) for o in options)])
+
+
+def _rcpt_line(address: str, options: list[str]) -> bytes:
+    return b" ".join([b"RCPT TO:<" + _raw(address) + b">",
+                      *(_raw(o) for o in options)])
 
 
 def _raw(address: str) -> bytes:
