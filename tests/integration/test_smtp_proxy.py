@@ -688,3 +688,32 @@ async def test_slow_upload_is_not_idle(harness: SmtpHarness, mail_user: str) -> 
         await raw.close()
     (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
     assert same_message(stored, sent)
+
+
+async def test_sender_and_first_recipient_refused_at_rcpt(harness: SmtpHarness,
+                                                          mail_user: str) -> None:
+    # MAIL goes upstream with the first RCPT (pipelined): what the upstream says about the
+    # sender or that recipient is the reply to that RCPT, in its own words.
+    harness.provision(mail_user)
+    settings = harness.smtp_settings(mail_user)
+    settings.smtp.max_message_size = MESSAGE_SIZE_LIMIT * 2  # more than Postfix takes
+    sent = message(mail_user, mail_user, b"after the refusals\r\n", "refusals")
+    async with harness.run(settings) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        assert (await raw.cmd(f"MAIL FROM:<{mail_user}> SIZE={MESSAGE_SIZE_LIMIT + 1}")
+                ).startswith("250 ")
+        reply = await raw.cmd(f"RCPT TO:<{mail_user}>")
+        assert reply.startswith("552 5.3.4 Message size exceeds fixed limit")  # Postfix's
+        assert (await raw.cmd(f"RCPT TO:<{mail_user}>")).startswith("552 5.3.4")
+        assert (await raw.cmd("DATA")).startswith("503 ")
+        assert (await raw.cmd("RSET")).startswith("250 ")
+        assert (await raw.cmd(f"MAIL FROM:<{mail_user}>")).startswith("250 ")
+        reply = await raw.cmd("RCPT TO:<nobody@example.test>")
+        assert reply.startswith("550 5.1.1 <nobody@example.test>: Recipient address rejected")
+        assert (await raw.cmd(f"RCPT TO:<{mail_user}>")).startswith("250 ")
+        assert (await raw.cmd("DATA")).startswith("354 ")
+        raw.writer.write(stuff(sent))
+        assert (await raw.reply()).startswith("250 ")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert same_message(stored, sent)
