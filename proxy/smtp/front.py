@@ -206,7 +206,6 @@ class Relay:
             # The upstream's transaction is still open, and so is ours: the client decides.
             return format_reply(response.code, response.message)
         await front.push(format_reply(354, response.message))
-        done = False
         try:
             result = await pump(front._reader, upstream, front.data_size_limit,
                                 front._reset_timeout)
@@ -217,14 +216,19 @@ class Relay:
                     response = await upstream.finish_data()
                 except UpstreamGone as exc:
                     result = Result(Outcome.UPSTREAM_LOST, result.size, str(exc))
-            done = True
+        except BaseException:
+            # Cancelled because the client went away, or a bug. Unless the end marker was
+            # sent already, closing the upstream connection drops the partial message there;
+            # and a client stopped in the middle of its message cannot be resynchronised
+            # (its next lines would be read as commands).
+            upstream.close()
+            if front.transport is not None:
+                front.transport.close()
+            raise
         finally:
             self.in_transaction = False
+            self.pending_mail = None
             front.end_transaction()
-            if not done:
-                # Cancelled because the client went away. Unless the end marker was already
-                # sent, closing the upstream connection is what drops the partial message there.
-                upstream.close()
         if front.transport is not None:
             front._reset_timeout()
         if result.outcome is Outcome.SENT:
