@@ -178,6 +178,23 @@ def atomic_write(path: Path, data: bytes) -> Stamp:
     return (st.st_mtime_ns, st.st_ino)
 
 
+@contextlib.contextmanager
+def account_lock(directory: Path, account_key: str) -> Iterator[None]:
+    """Exclusive across processes and threads for one account's files in ``directory``.
+
+    A separate lock file: data files are replaced on every write, so a lock on one would be a
+    lock on a file nobody opens next. flock (unlike fcntl locks) also excludes other threads of
+    this process, since each call opens its own file description."""
+    ensure_private_dir(directory)
+    lock_path = directory / safe_name(account_key, ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class FileTokenStore:
     """``state_dir/tokens/<account>.json``, plain JSON for now."""
 
@@ -223,16 +240,5 @@ class FileTokenStore:
     def _write(self, account_key: str, state: TokenState) -> None:
         self._seen[account_key] = atomic_write(self.path(account_key), state.to_json())
 
-    @contextlib.contextmanager
-    def _locked(self, account_key: str) -> Iterator[None]:
-        # A separate lock file: the data file is replaced on every write, so a lock on it would
-        # be a lock on a file nobody opens next. flock (unlike fcntl locks) also excludes other
-        # threads of this process, since each call opens its own file description.
-        ensure_private_dir(self._dir)
-        lock_path = self._dir / safe_name(account_key, ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)  # releases the lock
+    def _locked(self, account_key: str) -> contextlib.AbstractContextManager[None]:
+        return account_lock(self._dir, account_key)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
@@ -27,7 +26,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,9 +43,9 @@ from .keys import (
     unseal,
 )
 from .store import (
-    FILE_MODE,
     Stamp,
     TokenState,
+    account_lock,
     atomic_write,
     ensure_private_dir,
     file_stamp,
@@ -278,18 +277,8 @@ class Vault:
         raw = (json.dumps(data, indent=1, sort_keys=True) + "\n").encode()
         self._seen[account_key] = atomic_write(self.path(account_key), raw)
 
-    @contextlib.contextmanager
-    def _locked(self, account_key: str) -> Iterator[None]:
-        # A separate lock file: the data file is replaced on every write. flock also excludes
-        # other threads of this process (each call opens its own file description).
-        ensure_private_dir(self._dir)
-        lock_path = self._dir / safe_name(account_key, ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+    def _locked(self, account_key: str) -> contextlib.AbstractContextManager[None]:
+        return account_lock(self._dir, account_key)
 
     # -- creating and changing slots (blocking: CLI, or a thread in the daemon) -----------------
 
