@@ -441,7 +441,7 @@ async def test_revoked_refresh_token(harness: SmtpHarness, mail_user: str,
         raw = await Raw.connect(daemon.address("smtp"))
         await raw.cmd("EHLO c")
         reply = await raw.cmd(f"AUTH PLAIN {plain(mail_user, LOCAL_PASSWORD)}")
-        assert reply.startswith("535 5.7.8") and f"mailproxy token import {mail_user}" in reply
+        assert reply.startswith("535 5.7.8") and f"mailproxy authorize {mail_user}" in reply
         await raw.close()
 
 
