@@ -249,8 +249,11 @@ class Environment:
             f'ca_file = "{self.ca.ca_cert}"\n'
         )
         refresh_token = self.token_server.authority.issue_refresh_token(USER, TEST_CLIENT_ID)
+        # `token import` reads the refresh token, then the local password that opens the
+        # vault `password set` made (line 2); common.start_proxy sends one line per secret.
         self.proxy = start_proxy(config, self.proxy_log, self.proxy_port, USER,
-                                 {"password": LOCAL_PASSWORD, "refresh_token": refresh_token})
+                                 {"password": LOCAL_PASSWORD,
+                                  "refresh_token": f"{refresh_token}\n{LOCAL_PASSWORD}"})
 
     def stop(self) -> None:
         if self.proxy is not None:
