@@ -415,7 +415,7 @@ async def _authorization_code(
     if manual:
         redirect_uri = _manual_redirect_uri(account.redirect_uri)
         url = authorization_url(account, redirect_uri, state, verifier)
-        code = _ask_for_code(account, console, url, state)
+        code = _ask_for_code(account, console, url, state, redirect_uri)
     else:
         loopback = await _Loopback.start(account, state)
         try:
@@ -459,11 +459,13 @@ def _manual_redirect_uri(configured: str | None) -> str:
     return configured
 
 
-def _ask_for_code(account: Account, console: Console, url: str, state: str) -> str:
+def _ask_for_code(account: Account, console: Console, url: str, state: str,
+                  redirect_uri: str) -> str:
+    host = urlsplit(redirect_uri).hostname
     console.say(
         f"To authorize {account.address}, open this address in a browser on any machine and "
         f"sign in:\n\n  {url}\n\n"
-        "Afterwards the browser goes to a 127.0.0.1 address and shows an error such as "
+        f"Afterwards the browser goes to a {host} address and shows an error such as "
         "'This site can't be reached'. That is expected: copy the whole address from the "
         "address bar (or just the value after code=) and paste it here.")
     # ask() is called directly, not in a thread: a thread blocked on stdin would keep Ctrl-C
