@@ -24,8 +24,6 @@ from .relay import Relay
 from .replies import add_enhanced_codes, refusal_reply
 from .upstream import SmtpUpstreamSession
 
-log = logging.getLogger("mailproxy.smtp")
-
 # Without a configured limit and before any upstream told us its SIZE.
 DEFAULT_SIZE = 35 * 1024 * 1024
 # aiosmtpd's own per-command logging would show addresses at INFO; we log our own summary.
