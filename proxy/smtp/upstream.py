@@ -147,6 +147,8 @@ class SmtpUpstreamSession:
         try:
             if channel is None:
                 raise ConnectionResetError("not connected")
+            if lines:
+                self._check_unsolicited(channel)
             channel.write(lines)
             async with asyncio.timeout(self.timeout if timeout is None else timeout):
                 replies = [await channel.reply() for _ in range(count)]
@@ -158,6 +160,15 @@ class SmtpUpstreamSession:
                 self.close()
                 raise UpstreamGone(one_line(response))
         return replies
+
+    def _check_unsolicited(self, channel: Channel) -> None:
+        # Between transactions a server may only say 421 (closing). Anything else would be
+        # taken as the reply to the next command, and every later reply would be off by one.
+        for response in channel.unsolicited():
+            if response.code == 421:
+                raise ConnectionResetError(one_line(response))
+            log.warning("smtp: %s sent a reply nothing asked for, ignored: %s",
+                        self.description, one_line(response))
 
     async def command(self, *args: bytes, timeout: float | None = None) -> SMTPResponse:
         return (await self._exchange(b" ".join(args) + b"\r\n", 1, timeout))[0]

@@ -130,6 +130,12 @@ class Channel(asyncio.Protocol):
                 self._waiter = None
         return self._replies.popleft()
 
+    def unsolicited(self) -> list[SMTPResponse]:
+        """Replies that nothing asked for (taken away, so they cannot answer the next command)."""
+        replies = list(self._replies)
+        self._replies.clear()
+        return replies
+
     def _fail(self, exc: Exception) -> None:
         if self.error is None:
             self.error = exc

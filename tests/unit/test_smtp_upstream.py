@@ -1,8 +1,9 @@
-"""The upstream session's wire: the lines it writes for MAIL/RCPT (with a scripted channel)
-and the reply parser."""
+"""The upstream session's wire: the lines it writes for MAIL/RCPT (with a scripted channel),
+the reply parser, and the Channel protocol on a fake transport."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 
 import pytest
@@ -10,7 +11,7 @@ from aiosmtplib import SMTPResponse
 
 from proxy.config import Account
 from proxy.smtp.upstream import SmtpUpstreamSession, UpstreamGone
-from proxy.smtp.wire import MAX_REPLY, ReplyError, ReplyParser
+from proxy.smtp.wire import MAX_REPLY, Channel, ReplyError, ReplyParser
 
 
 class ScriptedChannel:
@@ -19,7 +20,12 @@ class ScriptedChannel:
     def __init__(self, *replies: tuple[int, str]) -> None:
         self.writes: list[bytes] = []
         self.replies = collections.deque(SMTPResponse(c, t) for c, t in replies)
+        self.stray: list[SMTPResponse] = []
         self.open = True
+
+    def unsolicited(self) -> list[SMTPResponse]:
+        stray, self.stray = self.stray, []
+        return stray
 
     def write(self, data: bytes) -> bool:
         self.writes.append(data)
@@ -70,6 +76,76 @@ async def test_421_means_gone() -> None:
     with pytest.raises(UpstreamGone, match=r"421 4\.4\.2 mx closing connection"):
         await upstream.rcpt("b@y", [])
     assert not upstream.connected
+
+
+async def test_unsolicited_replies_never_answer_the_next_command(
+        caplog: pytest.LogCaptureFixture) -> None:
+    upstream, channel = session((250, "2.1.5 Ok"))
+    channel.stray = [SMTPResponse(250, "2.0.0 stray")]
+    assert (await upstream.rcpt("b@y", [])).message == "2.1.5 Ok"
+    assert "a reply nothing asked for, ignored: 250 2.0.0 stray" in caplog.text
+    upstream, channel = session((250, "2.1.5 Ok"))
+    channel.stray = [SMTPResponse(421, "4.4.2 idle too long")]
+    with pytest.raises(UpstreamGone, match=r"421 4\.4\.2 idle too long"):
+        await upstream.rcpt("b@y", [])
+    assert channel.writes == []
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closing = False
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def abort(self) -> None:
+        self.closing = True
+
+
+async def test_channel_replies_flow_control_and_loss() -> None:
+    transport = FakeTransport()
+    channel = Channel(transport)
+    assert transport.protocol is channel
+    assert channel.write(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n") is False
+    waiting = asyncio.create_task(channel.reply())
+    await asyncio.sleep(0)
+    channel.data_received(b"250 2.1.0 Ok\r\n250-2.1.5 O")
+    channel.data_received(b"k\r\n250 2.1.5 more\r\n")
+    assert await waiting == SMTPResponse(250, "2.1.0 Ok")
+    assert await channel.reply() == SMTPResponse(250, "2.1.5 Ok\n2.1.5 more")
+    channel.pause_writing()
+    assert channel.write(b"x" * 10) is True
+    drained = asyncio.create_task(channel.drain())
+    await asyncio.sleep(0)
+    assert not drained.done()
+    channel.resume_writing()
+    await drained
+    channel.data_received(b"421 4.4.2 bye\r\n")
+    channel.connection_lost(None)
+    assert not channel.open
+    assert (await channel.reply()).code == 421  # what came before the loss still counts
+    with pytest.raises(ConnectionResetError):
+        await channel.reply()
+    with pytest.raises(ConnectionResetError):
+        channel.write(b"QUIT\r\n")
+
+
+async def test_channel_garbage_aborts() -> None:
+    transport = FakeTransport()
+    channel = Channel(transport)
+    channel.data_received(b"HTTP/1.1 400 Bad Request\r\n")
+    assert transport.closing and not channel.open
+    with pytest.raises(ReplyError):
+        await channel.reply()
 
 
 def test_reply_parser_multiline_and_split() -> None:
