@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import sys
+import threading
 import time
 import webbrowser
 from collections.abc import Iterator, Sequence
@@ -378,10 +379,20 @@ class _Console:
     def open_browser(self, url: str) -> bool:
         if not self.browser:
             return False
-        try:
-            return webbrowser.open(url)
-        except webbrowser.Error:
-            return False
+        # In a thread: webbrowser waits for some browsers to exit ($BROWSER, text browsers),
+        # which would stall the loopback listener that has to answer that very browser.
+        result: list[bool] = []
+
+        def launch() -> None:
+            try:
+                result.append(webbrowser.open(url))
+            except webbrowser.Error:
+                result.append(False)
+
+        thread = threading.Thread(target=launch, name="browser", daemon=True)
+        thread.start()
+        thread.join(2.0)
+        return result[0] if result else True  # still running: a browser is up
 
 
 @contextlib.contextmanager
