@@ -1,5 +1,6 @@
-"""One upstream SMTP session (aiosmtplib): TLS, EHLO, AUTH XOAUTH2/OAUTHBEARER in the two-step
-form, then MAIL/RCPT/DATA with the server's replies handed back unchanged.
+"""One upstream SMTP session: TLS, EHLO, AUTH XOAUTH2/OAUTHBEARER in the two-step form with
+aiosmtplib, then MAIL/RCPT/DATA through a ``wire.Channel`` (pipelined MAIL+RCPT, the message
+streamed), with the server's replies handed back unchanged.
 
 Implements ``login.Upstream``. Every way the connection can fail while relaying becomes
 ``UpstreamGone``, so the front knows the server never confirmed what was in flight.
