@@ -48,19 +48,18 @@ def _die_with_parent() -> None:
 
 def start_proxy(config: Path, log_path: Path, port: int, user: str,
                 secrets: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Provision ``user`` through the CLI (``password set``, ``token import --no-verify``, the
-    secrets on stdin), then ``mailproxy run`` and wait until ``port`` accepts."""
+    """Provision ``user`` through the CLI (``token import --no-verify``: the refresh token and
+    the local password on stdin), then ``mailproxy run`` and wait until ``port`` accepts."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILPROXY_")}
     env["PYTHONPATH"] = str(REPO)
     base = [sys.executable, "-m", "proxy"]
-    for args, secret in ((["password", "set"], secrets["password"]),
-                         (["token", "import", "--no-verify"], secrets["refresh_token"])):
-        done = subprocess.run([*base, *args, "--config", str(config), user],
-                              input=(secret + "\n").encode(), capture_output=True,
-                              env=env, cwd=REPO, timeout=60)
-        if done.returncode != 0:
-            raise RuntimeError(f"mailproxy {' '.join(args)} failed: "
-                               f"{done.stderr.decode(errors='replace')}")
+    done = subprocess.run(
+        [*base, "token", "import", "--no-verify", "--config", str(config), user],
+        input=f"{secrets['refresh_token']}\n{secrets['password']}\n".encode(),
+        capture_output=True, env=env, cwd=REPO, timeout=60)
+    if done.returncode != 0:
+        raise RuntimeError(f"mailproxy token import failed: "
+                           f"{done.stderr.decode(errors='replace')}")
     progress(f"starting the proxy on 127.0.0.1:{port}")
     with log_path.open("wb") as log:
         proxy = subprocess.Popen(

@@ -9,8 +9,8 @@ One run starts everything it needs in a temporary directory and removes it after
 * the test token/introspection server (threads in this process), a throw-away test CA and a
   private Dovecot (``tests.support``), with one mailbox of ``--messages`` messages of about
   ``--size`` bytes each (headers, a text part and a base64 attachment);
-* the proxy as a **separate process**, through its real command line: ``password set`` and
-  ``token import --no-verify`` (secrets on stdin), then ``run --config <generated toml>``.
+* the proxy as a **separate process**, through its real command line: ``token import
+  --no-verify`` (refresh token and local password on stdin), then ``run --config <toml>``.
   A separate process because the machine has 2 cores: inside one event loop the client's own
   CPU would compete with the proxy's and the measurement would mostly show the client. As a
   process of its own the proxy gets its own core, its CPU time can be read from /proc, and it

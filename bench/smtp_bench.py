@@ -8,7 +8,7 @@ One run starts everything it needs in a temporary directory and removes it after
 an error, Ctrl-C or SIGTERM): the test token/introspection server, a throw-away test CA, a
 private Dovecot (SASL with the oauth2 passdb, LMTP delivery) and a private Postfix (submission
 on an implicit-TLS port, Dovecot SASL, LMTP into Dovecot), see ``tests.support``. The proxy runs
-as a **separate process** through its real command line (``password set``, ``token import
+as a **separate process** through its real command line (``token import
 --no-verify``, ``run --config``) with ``smtp_tls = "implicit"`` to Postfix's smtps port, for the
 same reason as in ``imap_bench.py``: 2 cores, and its CPU time can be read from /proc.
 
@@ -249,11 +249,8 @@ class Environment:
             f'ca_file = "{self.ca.ca_cert}"\n'
         )
         refresh_token = self.token_server.authority.issue_refresh_token(USER, TEST_CLIENT_ID)
-        # `token import` reads the refresh token, then the local password that opens the
-        # vault `password set` made (line 2); common.start_proxy sends one line per secret.
         self.proxy = start_proxy(config, self.proxy_log, self.proxy_port, USER,
-                                 {"password": LOCAL_PASSWORD,
-                                  "refresh_token": f"{refresh_token}\n{LOCAL_PASSWORD}"})
+                                 {"password": LOCAL_PASSWORD, "refresh_token": refresh_token})
 
     def stop(self) -> None:
         if self.proxy is not None:
