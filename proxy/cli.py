@@ -245,6 +245,7 @@ def _password(settings: Settings, account: Account, args: argparse.Namespace) ->
                 vault.replace_passwords(key, new)
             else:
                 vault.create(key, password=new, state=_legacy_state(vault, key))
+                vault.migrate(key)  # the vault exists now: this clears the plain files
             print(f"local password for {address} set (any others removed)")
             return EXIT_OK
         if not vault.exists(key):
@@ -260,14 +261,13 @@ def _password(settings: Settings, account: Account, args: argparse.Namespace) ->
 
 
 def _legacy_state(vault: Vault, key: str) -> TokenState | None:
-    """Tokens of the earlier plain store, carried into a new vault (and then removed)."""
+    """Tokens of the earlier plain store, to carry into a new vault (``migrate`` removes the
+    plain files once the vault is on disk)."""
     from .tokens.store import FileTokenStore
 
     if not vault.has_legacy(key):
         return None
-    state = FileTokenStore(vault.state_dir).load(key)
-    vault._remove_legacy(key)
-    return state
+    return FileTokenStore(vault.state_dir).load(key)
 
 
 def _password_list(vault: Vault, account: Account) -> int:

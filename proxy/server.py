@@ -8,14 +8,14 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from . import __version__
 from .config import Account, Settings, parse_hostport
 from .control import ControlServer
 from .login import Gate, authorize_hint
 from .net import Conn
-from .notify import Event, Notifier, event_key
+from .notify import Event, EventName, Notifier, event_key
 from .tokens.keys import load_master_key
 from .tokens.manager import TokenManager
 from .tokens.vault import Vault, VaultError
@@ -100,7 +100,7 @@ class Daemon:
         if not self.notifier.enabled:
             log.info("%s: %s (%s); no [notify] hook configured", account.address, name, reason)
             return
-        event = Event(account.address, name, reason, time.time(), deadline)  # type: ignore[arg-type]
+        event = Event(account.address, cast(EventName, name), reason, time.time(), deadline)
         if name in ("authorization_required", "deadline_approaching"):
             mark = f"{name}:{deadline:.0f}" if deadline is not None else event_key(event)
             try:
