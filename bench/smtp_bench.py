@@ -99,9 +99,13 @@ class SmtpError(RuntimeError):
 class FastSmtp:
     """Blocking SMTP client: one command at a time, the message sent with one sendall."""
 
+    STEPS = ("MAIL", "RCPT", "DATA", "end")
+
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.pending = b""
+        # Seconds spent waiting in each step of ``send`` (summed over the messages sent).
+        self.step_seconds = dict.fromkeys(self.STEPS, 0.0)
 
     @classmethod
     def connect(cls, port: int, context: ssl.SSLContext | None = None) -> FastSmtp:
@@ -145,12 +149,22 @@ class FastSmtp:
 
     def send(self, sender: str, rcpt: str, stuffed: bytes) -> None:
         """One transaction; ``stuffed`` is dot-stuffed and ends with CRLF."""
+        steps = self.step_seconds
+        t0 = time.perf_counter()
         self.command(f"MAIL FROM:<{sender}> SIZE={len(stuffed)}", 250)
+        t1 = time.perf_counter()
         self.command(f"RCPT TO:<{rcpt}>", 250)
+        t2 = time.perf_counter()
         self.command("DATA", 354)
+        t3 = time.perf_counter()
         self.sock.sendall(stuffed)
         self.sock.sendall(b".\r\n")
         self.expect(250, "end of DATA")
+        t4 = time.perf_counter()
+        steps["MAIL"] += t1 - t0
+        steps["RCPT"] += t2 - t1
+        steps["DATA"] += t3 - t2
+        steps["end"] += t4 - t3
 
     def quit(self) -> None:
         with contextlib.suppress(OSError, SmtpError, ValueError):
@@ -326,6 +340,7 @@ class Sample:
     client_cpu: float
     proxy_cpu: float
     machine_busy: float
+    step_seconds: dict[str, float]  # summed over all messages of all sessions
 
     @property
     def msg_s(self) -> float:
@@ -344,6 +359,7 @@ def run_once(env: Environment, path: str, message: bytes, count: int, senders: i
     logins: list[float] = []
     errors: list[BaseException] = []
     done_at: list[float] = []
+    steps = dict.fromkeys(FastSmtp.STEPS, 0.0)
     barrier = threading.Barrier(senders + 1, timeout=TIMEOUT)
     lock = threading.Lock()
 
@@ -359,6 +375,8 @@ def run_once(env: Environment, path: str, message: bytes, count: int, senders: i
                 client.send(USER, USER, message)
             with lock:
                 done_at.append(time.perf_counter())
+                for step, seconds in client.step_seconds.items():
+                    steps[step] += seconds
         except BaseException as exc:  # reported by the main thread
             with lock:
                 errors.append(exc)
@@ -388,7 +406,7 @@ def run_once(env: Environment, path: str, message: bytes, count: int, senders: i
     seconds = max(done_at) - start
     busy = (b1[0] - b0[0]) / max(1, b1[1] - b0[1])
     return Sample(count, count * len(message), seconds, statistics.fmean(logins),
-                  c1 - c0, p1 - p0, busy)
+                  c1 - c0, p1 - p0, busy, steps)
 
 
 @dataclass
@@ -445,6 +463,9 @@ def summarize(cases: list[Case], results: dict[str, dict[str, list[Sample]]],
                 "client_cpu_per_wall": sum(s.client_cpu for s in samples) / seconds,
                 "proxy_cpu_per_wall": sum(s.proxy_cpu for s in samples) / seconds,
                 "machine_busy": statistics.median(s.machine_busy for s in samples),
+                # Mean milliseconds per message a sender waits in each step.
+                "step_ms": {step: sum(s.step_seconds[step] for s in samples) / messages * 1000
+                            for step in FastSmtp.STEPS},
             }
         ratio = entry["proxy"]["msg_s"] / entry["direct"]["msg_s"]
         entry["ratio"] = ratio
@@ -475,6 +496,12 @@ def print_report(r: dict[str, Any]) -> None:
                   f"{p['mb_s']:>8.1f}{p['login_ms']:>10.1f}"
                   f"{p['client_cpu_per_wall'] * 100:>11.0f}%{proxy_cpu:>11}"
                   f"{p['machine_busy'] * 100:>5.0f}%{tail}")
+    print("\n  per message, ms a sender waits for each reply"
+          " (MAIL / RCPT / DATA 354 / end of data)")
+    for name, e in r["cases"].items():
+        for path in PATHS:
+            steps = " / ".join(f"{ms:.2f}" for ms in e[path]["step_ms"].values())
+            print(f"  {name if path == 'proxy' else '':<22}{path:<8}{steps}")
     print("\n  proxy:  client --plain--> proxy --TLS--> Postfix smtps (AUTH PLAIN, local password)")
     print("  direct: client --TLS--> Postfix smtps (two-step AUTH XOAUTH2, access token)")
     print("  CPU columns: share of one core during the timed sending; busy: all CPUs")
