@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -62,6 +62,7 @@ class Outcome(enum.Enum):
     SENT = "sent"  # the whole message, end marker included, went upstream
     TOO_BIG = "too big"  # over the size limit: the rest was read and thrown away
     UPSTREAM_LOST = "upstream lost"  # the upstream broke: the rest was read and thrown away
+    REFUSED = "refused"  # the upstream refused DATA: nothing was sent, the rest thrown away
     CLIENT_GONE = "client gone"  # EOF before the end marker
 
 
@@ -79,13 +80,15 @@ def unread(reader: asyncio.StreamReader, data: bytes) -> None:
 
 
 async def pump(reader: asyncio.StreamReader, sink: Sink, limit: int | None,
-               on_progress: Callable[[], None]) -> Result:
+               on_progress: Callable[[], None],
+               go_ahead: Callable[[], Awaitable[bool]] | None = None) -> Result:
     """Read the client's message up to its end marker and write it to ``sink`` unchanged.
 
     Past ``limit`` (or when the sink breaks) nothing more is written, and in particular never
     the end marker, but the client is still read to the end of its message so that the reply
     reaches a client that is listening again. ``on_progress`` runs for every chunk (the idle
-    timer: a large upload is not idleness).
+    timer: a large upload is not idleness). ``go_ahead``, if given, is awaited before the
+    first byte is written (the sink's 354): False means the sink refused the message.
     """
     scanner = EndOfData()
     total = 0
@@ -111,7 +114,11 @@ async def pump(reader: asyncio.StreamReader, sink: Sink, limit: int | None,
                 outcome = Outcome.TOO_BIG
             else:
                 try:
-                    if sink.send(chunk):
+                    if go_ahead is not None:
+                        ready, go_ahead = go_ahead, None
+                        if not await ready():
+                            outcome = Outcome.REFUSED
+                    if outcome is Outcome.SENT and sink.send(chunk):
                         await sink.drain()
                 except UpstreamGone as exc:
                     outcome, error = Outcome.UPSTREAM_LOST, str(exc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from typing import cast
 
 import aiosmtplib
 from aiosmtplib import SMTPResponse
@@ -119,10 +120,11 @@ class SmtpUpstreamSession:
     def _attach(self) -> None:
         # Logged in: from here on the connection is relayed through a Channel.
         transport = self.smtp.transport
-        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        if transport is None or transport.is_closing():
             return  # gone already: ``connected`` is False and the next MAIL reconnects
         self.extensions = dict(self.smtp.esmtp_extensions)
-        self.channel = Channel(transport)
+        # A stream transport, though not always a subclass of asyncio.Transport (uvloop's).
+        self.channel = Channel(cast(asyncio.Transport, transport))
 
     # -- relay ---------------------------------------------------------------------------
 
@@ -144,13 +146,25 @@ class SmtpUpstreamSession:
     async def _exchange(self, lines: bytes, count: int,
                         timeout: float | None = None) -> list[SMTPResponse]:
         """Write ``lines`` (``count`` commands) and read their replies."""
+        self._write_commands(lines)
+        return await self._replies(count, timeout)
+
+    def _write_commands(self, lines: bytes) -> None:
         channel = self.channel
         try:
             if channel is None:
                 raise ConnectionResetError("not connected")
-            if lines:
-                self._check_unsolicited(channel)
+            self._check_unsolicited(channel)
             channel.write(lines)
+        except (OSError, ReplyError) as exc:
+            self.close()
+            raise UpstreamGone(describe_error(exc)) from None
+
+    async def _replies(self, count: int, timeout: float | None = None) -> list[SMTPResponse]:
+        channel = self.channel
+        try:
+            if channel is None:
+                raise ConnectionResetError("not connected")
             async with asyncio.timeout(self.timeout if timeout is None else timeout):
                 replies = [await channel.reply() for _ in range(count)]
         except (OSError, ReplyError, TimeoutError) as exc:
@@ -198,9 +212,13 @@ class SmtpUpstreamSession:
         first, second = await self._exchange(mail + b"\r\n" + rcpt + b"\r\n", 2)
         return first, second
 
-    async def start_data(self) -> SMTPResponse:
-        """Send DATA; after a 354 the message goes with ``send`` and ``finish_data``."""
-        return await self.command(b"DATA")
+    def start_data(self) -> None:
+        """Send DATA; ``data_reply`` is the server's answer. After a 354 the message goes
+        with ``send``, and ``finish_data`` is the reply to its end."""
+        self._write_commands(b"DATA\r\n")
+
+    async def data_reply(self) -> SMTPResponse:
+        return (await self._replies(1))[0]
 
     def send(self, data: bytes) -> bool:
         """Write message bytes as they are; True when ``drain`` must be awaited (the
@@ -227,7 +245,7 @@ class SmtpUpstreamSession:
 
     async def finish_data(self) -> SMTPResponse:
         """The server's reply to the end of the message (written by ``send``)."""
-        return (await self._exchange(b"", 1, DATA_END_TIMEOUT))[0]
+        return (await self._replies(1, DATA_END_TIMEOUT))[0]
 
     async def quit(self) -> None:
         try:

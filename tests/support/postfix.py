@@ -22,6 +22,8 @@ from pathlib import Path
 from .dovecot import Dovecot, _port_open, free_port
 
 POSTFIX_BIN = Path("/usr/sbin/postfix")
+REFUSE_DATA_SENDER = "refuse-data"
+DEFER_DATA_SENDER = "defer-data"
 MESSAGE_SIZE_LIMIT = 40_000_000
 
 
@@ -123,6 +125,10 @@ smtpd_tls_security_level = may
 smtpd_tls_auth_only = no
 smtpd_relay_restrictions = permit_sasl_authenticated, reject
 smtpd_recipient_restrictions = permit_sasl_authenticated, reject
+# Senders with which a test makes Postfix refuse DATA after it accepted the recipients.
+smtpd_data_restrictions = check_sender_access inline:{{
+  {{ {REFUSE_DATA_SENDER}@{self.domain} = 554 5.7.1 no DATA from this sender today }},
+  {{ {DEFER_DATA_SENDER}@{self.domain} = 451 4.3.0 DATA deferred for this sender }} }}
 virtual_mailbox_domains = {self.domain}
 virtual_mailbox_maps = regexp:{self.config_dir}/mailboxes
 virtual_transport = lmtp:inet:{self.host}:{self.dovecot.lmtp_port}

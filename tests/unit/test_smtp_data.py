@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -80,7 +81,8 @@ class FakeUpstream:
 
 
 async def run_pump(chunks: list[bytes], upstream: FakeUpstream, limit: int | None = None,
-                   eof: bool = False) -> tuple[Outcome, int, asyncio.StreamReader, int]:
+                   eof: bool = False, go_ahead: Callable[[], Awaitable[bool]] | None = None
+                   ) -> tuple[Outcome, int, asyncio.StreamReader, int]:
     reader = asyncio.StreamReader(limit=1001)  # aiosmtpd's
 
     async def feed() -> None:
@@ -97,7 +99,7 @@ async def run_pump(chunks: list[bytes], upstream: FakeUpstream, limit: int | Non
         ticks += 1
 
     feeder = asyncio.create_task(feed())
-    result = await asyncio.wait_for(pump(reader, upstream, limit, tick), 5)
+    result = await asyncio.wait_for(pump(reader, upstream, limit, tick, go_ahead), 5)
     await feeder
     return result.outcome, result.size, reader, ticks
 
@@ -161,3 +163,63 @@ async def test_pump_client_eof() -> None:
     outcome, _, _, _ = await run_pump([b"half a message\r\n."], upstream, eof=True)
     assert outcome is Outcome.CLIENT_GONE
     assert bytes(upstream.received) == b"half a message\r\n."
+
+
+class GoAhead:
+    """The upstream's reply to DATA, arriving when the test says so."""
+
+    def __init__(self) -> None:
+        self.reply: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.calls = 0
+
+    async def __call__(self) -> bool:
+        self.calls += 1
+        return await self.reply
+
+
+async def test_pump_writes_nothing_before_the_go_ahead() -> None:
+    upstream = FakeUpstream()
+    gate = GoAhead()
+    body = b"first\r\n" + b"x" * 5000 + b"\r\n"
+    task = asyncio.create_task(run_pump([body[:100], body[100:], b".\r\nQUIT\r\n"], upstream,
+                                        go_ahead=gate))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert gate.calls == 1 and upstream.received == b""  # waiting, nothing sent yet
+    gate.reply.set_result(True)
+    outcome, size, reader, _ = await task
+    assert outcome is Outcome.SENT and size == len(body) and gate.calls == 1
+    assert bytes(upstream.received) == body + b".\r\n"
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+
+
+async def test_pump_refused_reads_to_the_end_and_sends_nothing() -> None:
+    upstream = FakeUpstream()
+    gate = GoAhead()
+    gate.reply.set_result(False)
+    outcome, size, reader, ticks = await run_pump(
+        [b"a\r\n", b"..b\r\n" * 100, b".\r\nRSET\r\n"], upstream, go_ahead=gate)
+    assert (outcome, size, ticks, gate.calls) == (Outcome.REFUSED, 3 + 500, 3, 1)
+    assert upstream.received == b""
+    assert await reader.readuntil(b"\r\n") == b"RSET\r\n"
+
+
+async def test_pump_upstream_lost_before_the_go_ahead() -> None:
+    upstream = FakeUpstream()
+
+    async def gone() -> bool:
+        raise UpstreamGone("connection reset by peer")
+
+    outcome, _, reader, _ = await run_pump([b"a\r\n", b"b\r\n.\r\nQUIT\r\n"], upstream,
+                                           go_ahead=gone)
+    assert outcome is Outcome.UPSTREAM_LOST and upstream.received == b""
+    assert await reader.readuntil(b"\r\n") == b"QUIT\r\n"
+
+
+async def test_pump_too_big_at_once_never_asks() -> None:
+    # The first chunk is over the limit already: nothing will be sent, so the upstream's
+    # 354 is not waited for (the relay closes that connection).
+    gate = GoAhead()
+    outcome, _, _, _ = await run_pump([b"z" * 200 + b"\r\n.\r\n"], FakeUpstream(), limit=100,
+                                      go_ahead=gate)
+    assert outcome is Outcome.TOO_BIG and gate.calls == 0
