@@ -13,9 +13,9 @@ import binascii
 import logging
 import re
 import socket
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, syntax
 
 from .. import __version__
 from ..config import Settings
@@ -34,6 +34,19 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_PATH = re.compile(
     rf"<(?P<local>{_ATEXT}(?:\.{_ATEXT})*)@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*>\s*(?P<rest>.*)",
     re.DOTALL)
+
+
+class _Session(Session):
+    """aiosmtpd's Session without its legacy ``login_data``: aiosmtpd itself sets it after
+    every successful AUTH, and the property logs a deprecation WARNING each time."""
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
 
 
 class SmtpFront(SMTP):
@@ -55,6 +68,9 @@ class SmtpFront(SMTP):
         self.settings = settings
         self._verbatim = False
         self._deadline = 0.0  # of the idle timer, see _reset_timeout
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         match = _SIMPLE_PATH.fullmatch(arg.lstrip())
@@ -86,9 +102,9 @@ class SmtpFront(SMTP):
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
         # aiosmtpd just closes; say why first (RFC 5321 4.5.3.2: the server may time out).
-        transport = self.transport
+        # A stream transport; uvloop's are not subclasses of asyncio.WriteTransport.
+        transport = cast(asyncio.WriteTransport | None, self.transport)
         if transport is not None and not transport.is_closing():
-            assert isinstance(transport, asyncio.WriteTransport)
             transport.write(b"421 4.4.2 Idle for too long, closing connection\r\n")
             transport.close()  # connection_lost() cleans up, as in aiosmtpd's own callback
 
