@@ -13,6 +13,7 @@ import functools
 import socket
 import ssl
 from pathlib import Path
+from typing import cast
 
 # Before the splice, stop reading from a client that sends faster than we consume.
 _PRELOGIN_HIGH_WATER = 256 * 1024
@@ -35,10 +36,10 @@ class Conn(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        sock = transport.get_extra_info("socket")
+        # A stream transport; uvloop's are not subclasses of asyncio.Transport.
+        self.transport = stream = cast(asyncio.Transport, transport)
+        stream.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        sock = stream.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not self.connected.done():

@@ -23,7 +23,13 @@ from proxy.config import Account, Settings
 from tests.integration.conftest import _require
 from tests.support.cutter import Cutter
 from tests.support.dovecot import Dovecot
-from tests.support.postfix import MESSAGE_SIZE_LIMIT, Postfix, postfix_available
+from tests.support.postfix import (
+    DEFER_DATA_SENDER,
+    MESSAGE_SIZE_LIMIT,
+    REFUSE_DATA_SENDER,
+    Postfix,
+    postfix_available,
+)
 from tests.support.proxyrun import LOCAL_PASSWORD, ProxyHarness
 from tests.support.tokenserver import TokenServer
 
@@ -204,6 +210,8 @@ async def test_local_dialogue(harness: SmtpHarness, mail_user: str,
     # No password, PLAIN blob or token in any log line (aiosmtpd's included).
     for secret in (LOCAL_PASSWORD, plain(mail_user, LOCAL_PASSWORD), "Bearer", "at_"):
         assert secret not in caplog.text
+    # aiosmtpd warned about its own deprecated Session.login_data at every good login.
+    assert "deprecated" not in caplog.text
 
 
 async def test_idle_timeout(harness: SmtpHarness, mail_user: str) -> None:
@@ -717,3 +725,40 @@ async def test_sender_and_first_recipient_refused_at_rcpt(harness: SmtpHarness,
         await raw.close()
     (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
     assert same_message(stored, sent)
+
+
+@pytest.mark.parametrize("sender, expected", [
+    (REFUSE_DATA_SENDER, "554 5.7.1 <{}>: Sender address rejected: no DATA from this sender today"),
+    (DEFER_DATA_SENDER, "451 4.3.0 <{}>: Sender address rejected: DATA deferred for this sender"),
+])
+async def test_upstream_refuses_data(harness: SmtpHarness, mail_user: str, sender: str,
+                                     expected: str) -> None:
+    # The client gets our 354 at once (the upstream's comes while the message travels);
+    # when the upstream refuses DATA instead, nothing reaches it and the client's message
+    # gets the upstream's own refusal. The session goes on in step with the upstream.
+    harness.provision(mail_user)
+    sender = f"{sender}@example.test"
+    expected = expected.format(sender)  # Postfix's words
+    refused = message(sender, mail_user, b"line\r\n.leading dot\r\n" * 2000, "refused")
+    sent = message(mail_user, mail_user, b"after the refusal\r\n", "after")
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        await open_data(raw, sender, mail_user)
+        raw.writer.write(stuff(refused))
+        assert await raw.reply() == expected
+        await open_data(raw, mail_user, mail_user)
+        raw.writer.write(stuff(sent))
+        assert (await raw.reply()).startswith("250 ")
+        # The same through aiosmtplib.
+        client = await smtp_client(daemon.address("smtp"))
+        await client.login(mail_user, LOCAL_PASSWORD)
+        with pytest.raises(aiosmtplib.SMTPDataError) as info:
+            await client.sendmail(sender, [mail_user], refused)
+        assert f"{info.value.code} {info.value.message}" == expected
+        await client.quit()
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert same_message(stored, sent)
+    refusals = [line for line in harness.postfix.log_text().splitlines()
+                if f"from=<{sender}> to=<{mail_user}>" in line]
+    assert len(refusals) == 2 and all("reject: DATA from" in line for line in refusals)
