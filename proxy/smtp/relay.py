@@ -8,6 +8,8 @@ an upstream that offers PIPELINING, MAIL is held back and sent with the first RC
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -231,8 +233,12 @@ class Relay:
         if front.transport is not None:
             front._reset_timeout()
         if result.outcome is Outcome.SENT:
-            log.info("smtp: %s -> %d recipient(s) via %s, %d bytes: %s", self.account.address,
-                     recipients, self.description, result.size, one_line(response))
+            # Logged once the reply is on its way (call_soon runs after this task's step,
+            # which writes the reply): ~50 us a message off the time the client waits.
+            asyncio.get_running_loop().call_soon(
+                functools.partial(log.info, "smtp: %s -> %d recipient(s) via %s, %d bytes: %s",
+                                  self.account.address, recipients, self.description,
+                                  result.size, one_line(response)))
             return format_reply(response.code, response.message)
         if result.outcome is Outcome.UPSTREAM_LOST:
             return self._lost(result.error)

@@ -255,7 +255,8 @@ async def test_aiosmtplib_plain_dots_and_utf8(harness: SmtpHarness, mail_user: s
 
 
 async def test_smtplib_login_starttls_upstream_several_messages(
-        harness: SmtpHarness, mail_user: str) -> None:
+        harness: SmtpHarness, mail_user: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mailproxy.smtp")
     password = "ascii password"  # smtplib encodes AUTH LOGIN and PLAIN as ASCII
     harness.provision(mail_user, password)
     settings = harness.smtp_settings(mail_user, smtp_tls="starttls")
@@ -285,6 +286,10 @@ async def test_smtplib_login_starttls_upstream_several_messages(
     stored = await wait_delivered(harness.dovecot, mail_user, 4)
     for m in sent:
         assert sum(same_message(s, m) for s in stored) == 1
+    # One line per message relayed, with the upstream's verdict.
+    lines = [r.getMessage() for r in caplog.records if r.name == "mailproxy.smtp"
+             and f"{mail_user} -> 1 recipient(s) via" in r.getMessage()]
+    assert len(lines) == 4 and all(": 250 2.0.0 Ok: queued as " in line for line in lines)
 
 
 async def test_20_mb_message(harness: SmtpHarness, mail_user: str) -> None:
