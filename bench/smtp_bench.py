@@ -212,8 +212,9 @@ class BenchPostfix(Postfix):
 
 
 class Environment:
-    def __init__(self, deliver: bool) -> None:
+    def __init__(self, deliver: bool, strict: bool = False) -> None:
         self.deliver = deliver
+        self.strict = strict
         self.tmp = Path(tempfile.mkdtemp(prefix="mailproxy-smtp-bench-"))
         self.tmp.chmod(0o755)  # Dovecot's and Postfix's unprivileged users traverse it
         self.token_server: TokenServer | None = None
@@ -251,6 +252,7 @@ class Environment:
             f'[imap]\nlisten = "127.0.0.1:{free_port()}"\n'
             f'[pop3]\nlisten = "127.0.0.1:{free_port()}"\n'
             f'[smtp]\nlisten = "127.0.0.1:{self.proxy_port}"\n'
+            f'strict_one_to_one = {"true" if self.strict else "false"}\n'
             "[[accounts]]\n"
             f'address = "{USER}"\n'
             'provider = "custom"\n'
@@ -444,7 +446,8 @@ def measure(env: Environment, cases: list[Case], rounds: int) -> dict[str, dict[
 def summarize(cases: list[Case], results: dict[str, dict[str, list[Sample]]],
               args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "config": {"deliver": args.deliver, "rounds": args.rounds, "senders": args.senders,
+        "config": {"deliver": args.deliver, "strict": args.strict, "rounds": args.rounds,
+                   "senders": args.senders,
                    "cpus": os.cpu_count(), "python": sys.version.split()[0], "goal": GOAL},
         "cases": {},
     }
@@ -480,7 +483,8 @@ def summarize(cases: list[Case], results: dict[str, dict[str, list[Sample]]],
 def print_report(r: dict[str, Any]) -> None:
     c = r["config"]
     print(f"\nmailproxy SMTP benchmark: {c['rounds']} rounds per case, {c['cpus']} CPUs, "
-          f"Python {c['python']}, LMTP delivery {'on' if c['deliver'] else 'held back'}"
+          f"Python {c['python']}, LMTP delivery {'on' if c['deliver'] else 'held back'}, "
+          f"strict_one_to_one {'on' if c['strict'] else 'off'}"
           " (MB = 10^6 bytes; sending timed, login not)")
     print(f"\n  {'case':<22}{'path':<8}{'msg/s':>9}{'MB/s':>8}{'login ms':>10}"
           f"{'client CPU':>12}{'proxy CPU':>11}{'busy':>6}   ratio")
@@ -520,6 +524,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case and path")
     parser.add_argument("--deliver", action="store_true",
                         help="let Postfix deliver into Dovecot (LMTP) during the samples")
+    parser.add_argument("--strict", action="store_true",
+                        help="run the proxy with [smtp] strict_one_to_one = true (MAIL and "
+                        "DATA wait for the upstream's own replies)")
     parser.add_argument("--keep", action="store_true",
                         help="pause before cleaning up (prints the temporary directory)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON only")
@@ -534,7 +541,7 @@ def main() -> int:
     ]
 
     signal.signal(signal.SIGTERM, _interrupt)
-    env = Environment(args.deliver)
+    env = Environment(args.deliver, args.strict)
     started = time.monotonic()
     try:
         env.start()

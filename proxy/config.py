@@ -107,6 +107,11 @@ class SmtpListener(_Strict):
     max_message_size: int = Field(default=0, ge=0)
     # Seconds a client may stay silent (before and after login) before it is disconnected.
     idle_timeout: float = Field(default=300.0, gt=0)
+    # False (default): MAIL is answered at once and goes upstream with the first RCPT (where
+    # the server offers PIPELINING), and DATA gets our 354 while the server's is on its way;
+    # a refused sender or DATA then comes back at the next reply, in the server's words. True:
+    # MAIL and DATA each wait for the server's own reply (two more round trips a message).
+    strict_one_to_one: bool = False
 
 
 class TokenSettings(_Strict):

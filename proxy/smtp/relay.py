@@ -2,8 +2,11 @@
 replies, and DATA streamed through (``data.pump``).
 
 A message is acknowledged with 250 only when the upstream's reply to the end of the message
-was 250; any failure on the way gives a 4xx (the client keeps the message and retries). With
-an upstream that offers PIPELINING, MAIL is held back and sent with the first RCPT.
+was 250; any failure on the way gives a 4xx (the client keeps the message and retries).
+Unless ``[smtp] strict_one_to_one`` is set, two replies do not wait for the upstream: MAIL is
+held back and sent with the first RCPT (when the upstream offers PIPELINING), and DATA gets
+our 354 while the upstream's is on its way. Each saves a round trip per message; a refused
+sender or DATA is then reported at the next reply, in the upstream's words.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ class Relay:
                     await self._reconnect()
                     assert self.upstream is not None
                     upstream = self.upstream
-                if upstream.pipelining:
+                if upstream.pipelining and not self.service.settings.smtp.strict_one_to_one:
                     # MAIL goes upstream together with the first RCPT, saving a round trip
                     # per message; a refused sender is reported at that RCPT, as Postfix
                     # itself does by default (smtpd_delay_reject).
@@ -181,6 +184,7 @@ class Relay:
         a round trip per message. Nothing is written upstream before its 354; if it refuses
         DATA instead, the message is read and dropped and the client gets the upstream's
         refusal as the reply to its message. Either way the final verdict is the upstream's.
+        With ``[smtp] strict_one_to_one`` the client gets the upstream's own reply to DATA.
 
         None when the client went away in the middle of the message (nobody to answer).
         """
@@ -191,25 +195,34 @@ class Relay:
         if self.broken:
             front.end_transaction()
             return self._lost("earlier in this transaction")
-        try:
-            upstream.start_data()
-        except UpstreamGone as exc:
-            front.end_transaction()
-            return self._lost(str(exc))
+        strict = self.service.settings.smtp.strict_one_to_one
         refusal: SMTPResponse | None = None
 
         async def go_ahead() -> bool:
             nonlocal refusal
-            response = await upstream.data_reply()
-            if response.code == 354:
+            reply = await upstream.data_reply()
+            if reply.code == 354:
                 return True
-            refusal = response
+            refusal = reply
             return False
 
-        await front.push("354 End data with <CR><LF>.<CR><LF>")
+        try:
+            upstream.start_data()
+            if strict:
+                response = await upstream.data_reply()
+        except UpstreamGone as exc:
+            front.end_transaction()
+            return self._lost(str(exc))
+        if not strict:
+            await front.push("354 End data with <CR><LF>.<CR><LF>")
+        elif response.code == 354:
+            await front.push(format_reply(354, response.message))
+        else:
+            # The upstream's transaction is still open, and so is ours: the client decides.
+            return format_reply(response.code, response.message)
         try:
             result = await pump(front._reader, upstream, front.data_size_limit,
-                                front._reset_timeout, go_ahead)
+                                front._reset_timeout, None if strict else go_ahead)
             if result.outcome is Outcome.SENT:
                 # The client is waiting for this reply, not idle (RFC 5321 4.5.3.2.6).
                 front._reset_timeout(DATA_END_TIMEOUT + 60)

@@ -767,3 +767,31 @@ async def test_upstream_refuses_data(harness: SmtpHarness, mail_user: str, sende
     refusals = [line for line in harness.postfix.log_text().splitlines()
                 if f"from=<{sender}> to=<{mail_user}>" in line]
     assert len(refusals) == 2 and all("reject: DATA from" in line for line in refusals)
+
+
+async def test_strict_one_to_one_waits_for_the_upstreams_replies(harness: SmtpHarness,
+                                                                  mail_user: str) -> None:
+    # [smtp] strict_one_to_one: MAIL and DATA are answered with the upstream's own replies.
+    harness.provision(mail_user)
+    settings = harness.smtp_settings(mail_user)
+    settings.smtp.strict_one_to_one = True
+    settings.smtp.max_message_size = MESSAGE_SIZE_LIMIT * 2  # more than Postfix takes
+    refuser = f"{REFUSE_DATA_SENDER}@example.test"
+    sent = message(mail_user, mail_user, b"strict\r\n", "strict")
+    async with harness.run(settings) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        reply = await raw.cmd(f"MAIL FROM:<{mail_user}> SIZE={MESSAGE_SIZE_LIMIT + 1}")
+        assert reply.startswith("552 5.3.4 Message size exceeds fixed limit")  # at MAIL
+        # Postfix keeps the refused SIZE until RSET (it would refuse the next MAIL too).
+        assert (await raw.cmd("RSET")).startswith("250 ")
+        assert (await raw.cmd(f"MAIL FROM:<{refuser}>")).startswith("250 2.1.0")
+        assert (await raw.cmd(f"RCPT TO:<{mail_user}>")).startswith("250 2.1.5")
+        assert await raw.cmd("DATA") == (f"554 5.7.1 <{refuser}>: Sender address rejected: "
+                                         "no DATA from this sender today")
+        assert (await raw.cmd("RSET")).startswith("250 ")
+        await open_data(raw, mail_user, mail_user)
+        raw.writer.write(stuff(sent))
+        assert (await raw.reply()).startswith("250 2.0.0 Ok: queued as ")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert same_message(stored, sent)
