@@ -201,7 +201,6 @@ def _open(vault: Vault, account: Account, purpose: str) -> None:
 
 
 def _run(settings: Settings, defaults: bool) -> int:
-    from . import loop as event_loop
     from .control import ControlError
     from .server import serve
     from .tokens.keys import MasterKeyError
@@ -213,12 +212,7 @@ def _run(settings: Settings, defaults: bool) -> int:
     if not settings.accounts:
         log.warning("no accounts configured: every login will be refused")
     try:
-        loop_name = event_loop.chosen()
-        log.info("event loop: %s", event_loop.describe(loop_name))
-        with asyncio.Runner(loop_factory=event_loop.factory(loop_name)) as runner:
-            runner.run(serve(settings))
-    except event_loop.LoopChoiceError as exc:
-        raise CliError(f"cannot start: {exc}") from None
+        asyncio.run(serve(settings))
     except (MasterKeyError, ControlError) as exc:
         raise CliError(f"cannot start: {exc}") from None
     except OSError as exc:
