@@ -1,17 +1,21 @@
-"""What the benchmarks share: the proxy run as its own process through its CLI, and /proc
-readings of CPU time."""
+"""What the benchmarks share: the proxy run as its own process through its CLI, /proc
+readings of CPU time, and the run itself (start, measure, report, always clean up)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Protocol
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -88,3 +92,58 @@ def stop_proxy(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+class BenchEnvironment(Protocol):
+    """What ``run`` needs of a benchmark's environment."""
+
+    tmp: Path
+    proxy: subprocess.Popen[bytes] | None
+    proxy_log: Path
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def server_log_tail(self) -> str:
+        """The mail server's log, for a failed run ("" if it never started)."""
+        ...
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(env: BenchEnvironment, measure: Callable[[], dict[str, Any]], keep: bool,
+        as_json: bool, report: Callable[[dict[str, Any]], None]) -> int:
+    """Start ``env``, ``measure``, print the results (JSON or ``report``) and always clean up,
+    after an error, Ctrl-C or SIGTERM too. The exit status: 0, 1 (error) or 130."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+    try:
+        env.start()
+        results = measure()
+        results["config"]["elapsed_s"] = round(time.monotonic() - started, 1)
+        if keep:
+            input(f"[bench] kept {env.tmp} (proxy pid {env.proxy and env.proxy.pid}); "
+                  "press Enter to clean up ")
+    except KeyboardInterrupt:
+        progress("interrupted; cleaning up")
+        return 130
+    except Exception:
+        traceback.print_exc()
+        if env.proxy_log.exists():
+            tail = env.proxy_log.read_text(errors="replace").splitlines()[-20:]
+            print("proxy log (tail):\n" + "\n".join(tail), file=sys.stderr)
+        server_log = env.server_log_tail()
+        if server_log:
+            print("server log (tail):\n" + server_log, file=sys.stderr)
+        return 1
+    finally:
+        env.stop()
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        report(results)
+        print(f"\n(total {results['config']['elapsed_s']} s)")
+    return 0

@@ -47,12 +47,10 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import json
 import os
 import random
 import re
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -60,7 +58,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +67,7 @@ from common import (  # the repository root goes on sys.path here
     machine_busy,
     proc_cpu,
     progress,
+    run,
     start_proxy,
     stop_proxy,
 )
@@ -340,6 +338,9 @@ class Environment:
         self.proxy = start_proxy(config, self.proxy_log, self.proxy_port, USER,
                                  {"password": LOCAL_PASSWORD, "refresh_token": refresh_token})
 
+    def server_log_tail(self) -> str:
+        return self.dovecot.log_tail() if self.dovecot is not None else ""
+
     def stop(self) -> None:
         if self.proxy is not None:
             proc, self.proxy = self.proxy, None
@@ -569,10 +570,6 @@ def print_report(r: dict[str, Any]) -> None:
           f"(goal <= {lm['goal_ms']:.0f} ms)  {lm['verdict']}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=300)
@@ -588,39 +585,15 @@ def main() -> int:
     if args.messages < 1 or args.size < 1024 or args.rounds < 1 or args.logins < 1:
         parser.error("--messages, --rounds, --logins must be >= 1 and --size >= 1024")
 
-    # SIGTERM as well as Ctrl-C: run the clean-up below.
-    signal.signal(signal.SIGTERM, _interrupt)
     env = Environment(args.messages, args.size)
-    started = time.monotonic()
-    try:
-        env.start()
+
+    def measure() -> dict[str, Any]:
         paths = ["proxy", "direct"] + ([] if args.no_plain else ["direct-plain"])
         fetch = measure_fetch(env, args.rounds, paths)
         logins, internal = measure_logins(env, args.logins)
-        results = summarize(env, fetch, logins, internal, args)
-        results["config"]["elapsed_s"] = round(time.monotonic() - started, 1)
-        if args.keep:
-            input(f"[bench] kept {env.tmp} (proxy pid {env.proxy and env.proxy.pid}); "
-                  "press Enter to clean up ")
-    except KeyboardInterrupt:
-        progress("interrupted; cleaning up")
-        return 130
-    except Exception:
-        traceback.print_exc()
-        if env.proxy_log.exists():
-            tail = env.proxy_log.read_text(errors="replace").splitlines()[-20:]
-            print("proxy log (tail):\n" + "\n".join(tail), file=sys.stderr)
-        if env.dovecot is not None:
-            print("Dovecot log (tail):\n" + env.dovecot.log_tail(), file=sys.stderr)
-        return 1
-    finally:
-        env.stop()
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_report(results)
-        print(f"\n(total {results['config']['elapsed_s']} s)")
-    return 0
+        return summarize(env, fetch, logins, internal, args)
+
+    return run(env, measure, args.keep, args.json, print_report)
 
 
 if __name__ == "__main__":

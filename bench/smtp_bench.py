@@ -43,11 +43,9 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import json
 import os
 import random
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -56,7 +54,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +62,7 @@ from common import (  # the repository root goes on sys.path here
     machine_busy,
     proc_cpu,
     progress,
+    run,
     start_proxy,
     stop_proxy,
 )
@@ -122,7 +120,7 @@ class FastSmtp:
         return client
 
     def reply(self) -> tuple[int, bytes]:
-        lines = []
+        lines: list[bytes] = []
         while True:
             end = self.pending.find(b"\r\n")
             if end < 0:
@@ -267,6 +265,9 @@ class Environment:
         refresh_token = self.token_server.authority.issue_refresh_token(USER, TEST_CLIENT_ID)
         self.proxy = start_proxy(config, self.proxy_log, self.proxy_port, USER,
                                  {"password": LOCAL_PASSWORD, "refresh_token": refresh_token})
+
+    def server_log_tail(self) -> str:
+        return self.postfix.log_tail() if self.postfix is not None else ""
 
     def stop(self) -> None:
         if self.proxy is not None:
@@ -512,10 +513,6 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"  ratio = proxy/direct msg/s (= MB/s), goal >= {c['goal']}")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", type=int, default=200, help="10 KB messages per sample")
@@ -540,35 +537,9 @@ def main() -> int:
         Case(f"1 MB x{args.senders} senders", LARGE, args.large, args.senders),
     ]
 
-    signal.signal(signal.SIGTERM, _interrupt)
     env = Environment(args.deliver, args.strict)
-    started = time.monotonic()
-    try:
-        env.start()
-        results = summarize(cases, measure(env, cases, args.rounds), args)
-        results["config"]["elapsed_s"] = round(time.monotonic() - started, 1)
-        if args.keep:
-            input(f"[bench] kept {env.tmp} (proxy pid {env.proxy and env.proxy.pid}); "
-                  "press Enter to clean up ")
-    except KeyboardInterrupt:
-        progress("interrupted; cleaning up")
-        return 130
-    except Exception:
-        traceback.print_exc()
-        if env.proxy_log.exists():
-            tail = env.proxy_log.read_text(errors="replace").splitlines()[-20:]
-            print("proxy log (tail):\n" + "\n".join(tail), file=sys.stderr)
-        if env.postfix is not None:
-            print("Postfix log (tail):\n" + env.postfix.log_tail(), file=sys.stderr)
-        return 1
-    finally:
-        env.stop()
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_report(results)
-        print(f"\n(total {results['config']['elapsed_s']} s)")
-    return 0
+    return run(env, lambda: summarize(cases, measure(env, cases, args.rounds), args),
+               args.keep, args.json, print_report)
 
 
 if __name__ == "__main__":
