@@ -147,3 +147,32 @@ def run(env: BenchEnvironment, measure: Callable[[], dict[str, Any]], keep: bool
         report(results)
         print(f"\n(total {results['config']['elapsed_s']} s)")
     return 0
+
+
+def launch_proxy(tmp: Path, protocol: str, port: int, user: str, password: str,
+                 token_server: Any, ca_file: Path, account: dict[str, str],
+                 options: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Write ``tmp/mailproxy.toml`` for one ``custom`` account of the test token server, the
+    ``protocol`` listener on ``port`` (the others on free ports: the defaults may be taken),
+    and start the proxy with a fresh refresh token (see ``start_proxy``).
+
+    ``account`` and ``options`` are TOML values written as given, for the account and the
+    ``protocol`` section."""
+    from tests.support.dovecot import free_port
+    from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET
+
+    lines = [f'state_dir = "{tmp / "state"}"', 'log_level = "info"']
+    for name in ("imap", "pop3", "smtp"):
+        lines += [f"[{name}]", f'listen = "127.0.0.1:{port if name == protocol else free_port()}"']
+        if name == protocol:
+            lines += [f"{key} = {value}" for key, value in (options or {}).items()]
+    lines += ["[[accounts]]", f'address = "{user}"', 'provider = "custom"',
+              f'client_id = "{TEST_CLIENT_ID}"', f'client_secret = "{TEST_CLIENT_SECRET}"',
+              f'token_url = "{token_server.token_url}"', 'scopes = ["mail"]',
+              *(f"{key} = {value}" for key, value in account.items()),
+              f'ca_file = "{ca_file}"']
+    config = tmp / "mailproxy.toml"
+    config.write_text("\n".join(lines) + "\n")
+    refresh_token = token_server.authority.issue_refresh_token(user, TEST_CLIENT_ID)
+    return start_proxy(config, tmp / "proxy.log", port, user,
+                       {"password": password, "refresh_token": refresh_token})

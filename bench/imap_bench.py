@@ -64,11 +64,11 @@ from typing import Any
 
 from common import (  # the repository root goes on sys.path here
     CLK_TCK,
+    launch_proxy,
     machine_busy,
     proc_cpu,
     progress,
     run,
-    start_proxy,
     stop_proxy,
 )
 
@@ -315,28 +315,10 @@ class Environment:
     def _start_proxy(self) -> None:
         assert self.dovecot is not None and self.token_server is not None and self.ca
         self.proxy_port = free_port()
-        config = self.tmp / "mailproxy.toml"
-        config.write_text(
-            f'state_dir = "{self.tmp / "state"}"\n'
-            'log_level = "info"\n'
-            f'[imap]\nlisten = "127.0.0.1:{self.proxy_port}"\n'
-            # The other listeners on free ports: the defaults may be taken on this machine.
-            f'[pop3]\nlisten = "127.0.0.1:{free_port()}"\n'
-            f'[smtp]\nlisten = "127.0.0.1:{free_port()}"\n'
-            "[[accounts]]\n"
-            f'address = "{USER}"\n'
-            'provider = "custom"\n'
-            f'client_id = "{TEST_CLIENT_ID}"\n'
-            f'client_secret = "{TEST_CLIENT_SECRET}"\n'
-            f'token_url = "{self.token_server.token_url}"\n'
-            'scopes = ["mail"]\n'
-            f'imap_server = "127.0.0.1:{self.dovecot.imaps_port}"\n'
-            'imap_tls = "implicit"\n'
-            f'ca_file = "{self.ca.ca_cert}"\n'
-        )
-        refresh_token = self.token_server.authority.issue_refresh_token(USER, TEST_CLIENT_ID)
-        self.proxy = start_proxy(config, self.proxy_log, self.proxy_port, USER,
-                                 {"password": LOCAL_PASSWORD, "refresh_token": refresh_token})
+        self.proxy = launch_proxy(
+            self.tmp, "imap", self.proxy_port, USER, LOCAL_PASSWORD, self.token_server,
+            self.ca.ca_cert, {"imap_server": f'"127.0.0.1:{self.dovecot.imaps_port}"',
+                              "imap_tls": '"implicit"'})
 
     def server_log_tail(self) -> str:
         return self.dovecot.log_tail() if self.dovecot is not None else ""
