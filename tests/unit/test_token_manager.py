@@ -17,14 +17,9 @@ import httpx
 import pytest
 
 from proxy.config import Account, TokenSettings
-from proxy.tokens import (
-    AuthorizationRequired,
-    FileTokenStore,
-    TokenManager,
-    TokenState,
-    TokenUnavailable,
-)
-from proxy.tokens.manager import parse_expires_in, parse_retry_after
+from proxy.tokens import AuthorizationRequired, FileTokenStore, TokenState, TokenUnavailable
+from proxy.tokens.grants import parse_expires_in, parse_retry_after
+from proxy.tokens.manager import TokenManager
 
 KEY = "alice@example.com"
 T0 = 1_700_000_000.0
