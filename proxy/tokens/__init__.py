@@ -1,15 +1,17 @@
-"""OAuth2 access tokens for upstream logins: the manager, its errors and the state store."""
+"""OAuth2 access tokens for upstream logins: the manager (``.manager``), the flows of a first
+sign-in (``.flows``), the vault. This package root is light (no authlib or httpx): the errors
+and the store interface only."""
 
-from .errors import AuthorizationRequired, TokenError, TokenUnavailable
-from .manager import AccessToken, TokenManager
-from .store import FileTokenStore, TokenState, TokenStore
+from .errors import AuthorizationRequired, FlowError, TokenError, TokenUnavailable
+from .store import FileTokenStore, StoreError, StoreLocked, TokenState, TokenStore
 
 __all__ = [
-    "AccessToken",
     "AuthorizationRequired",
     "FileTokenStore",
+    "FlowError",
+    "StoreError",
+    "StoreLocked",
     "TokenError",
-    "TokenManager",
     "TokenState",
     "TokenStore",
     "TokenUnavailable",

@@ -1,4 +1,4 @@
-"""Errors of the token manager, typed by what the caller can do about them.
+"""Errors of the token side, typed by what the caller can do about them.
 
 ``reason`` is a sentence for logs and for the reply to a mail client. It never holds a token,
 a refresh token or a client secret: the manager scrubs them before building one.
@@ -30,3 +30,8 @@ class TokenUnavailable(TokenError):
     def __init__(self, account: str, reason: str, *, retry_after: float | None = None) -> None:
         super().__init__(account, reason)
         self.retry_after = retry_after
+
+
+class FlowError(Exception):
+    """Authorization did not complete, or a token request could not be built (an unreadable key
+    or certificate); the text says what to do and holds no secret."""

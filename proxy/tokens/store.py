@@ -75,9 +75,21 @@ class TokenState:
         return cls(**values)
 
 
+class StoreError(Exception):
+    """The store cannot read or write an account's state; the message says what to do.
+
+    What the token manager catches from a store besides ``OSError`` and ``ValueError``, so it
+    never needs to know which store it has (the vault's errors subclass this)."""
+
+
+class StoreLocked(StoreError):
+    """The account's state is there but cannot be opened yet (a locked vault)."""
+
+
 class TokenStore(Protocol):
     """Where token state lives. Methods may block briefly (disk); callers on the event loop run
-    ``save``/``update`` in a thread, so implementations must be thread-safe per account."""
+    ``save``/``update`` in a thread, so implementations must be thread-safe per account.
+    Methods fail with ``OSError``, ``ValueError`` (damaged data) or a ``StoreError``."""
 
     def load(self, account_key: str) -> TokenState:
         """The stored state, or an empty ``TokenState`` when there is none."""

@@ -44,6 +44,8 @@ from .keys import (
 )
 from .store import (
     Stamp,
+    StoreError,
+    StoreLocked,
     TokenState,
     account_lock,
     atomic_write,
@@ -61,11 +63,11 @@ _META_NUMBERS = ("expires_at", "last_refresh", "authorized_at")
 _META_TEXTS = ("needs_authorization", "last_error")
 
 
-class VaultError(Exception):
+class VaultError(StoreError):
     """The vault cannot do what was asked; the message says what to do."""
 
 
-class VaultLocked(VaultError):
+class VaultLocked(VaultError, StoreLocked):
     """The account's data key is not in memory: a client login (or the master key) opens it."""
 
 

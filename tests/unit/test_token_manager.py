@@ -20,11 +20,12 @@ from proxy.config import Account, TokenSettings
 from proxy.tokens import (
     AuthorizationRequired,
     FileTokenStore,
-    TokenManager,
+    StoreLocked,
     TokenState,
     TokenUnavailable,
 )
-from proxy.tokens.manager import parse_expires_in, parse_retry_after
+from proxy.tokens.grants import parse_expires_in, parse_retry_after
+from proxy.tokens.manager import TokenManager
 
 KEY = "alice@example.com"
 T0 = 1_700_000_000.0
@@ -307,6 +308,19 @@ async def test_failed_save_hands_out_nothing(env: Env, monkeypatch: pytest.Monke
     await manager.get_token(KEY)
     assert env.endpoint.forms[1]["refresh_token"] == "RT-SECRET-2"
     assert env.disk().refresh_token == "RT-SECRET-3"
+
+
+async def test_store_error_is_a_failed_save(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any store's own error (the vault's subclass StoreError) is handled like a disk error."""
+    manager = env.manager()
+
+    def locked(*args: Any) -> None:
+        raise StoreLocked("the vault of alice@example.com is locked")
+
+    monkeypatch.setattr(env.store, "update", locked)
+    with pytest.raises(TokenUnavailable, match="could not save token state: the vault"):
+        await manager.get_token(KEY)
+    assert env.disk().access_token is None
 
 
 async def test_import_while_running_takes_effect(env: Env) -> None:
