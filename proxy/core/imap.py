@@ -129,18 +129,10 @@ class ImapLocal(LocalDialogue):
             if end > self.max_line:
                 events += self._close("* BYE Command line too long\r\n", "line too long")
                 break
-            line = bytes(self._buf[:end]).removesuffix(b"\r")
-            del self._buf[: end + 1]
-            try:
-                if self.state is State.SASL:
-                    events += self._sasl_response(line)
-                else:
-                    events += self._command_line(line)
-            except ClientError as exc:
-                events += self._error(exc)
+            events += self._line(end)
         return events
 
-    def _command_line(self, line: bytes) -> list[Event]:
+    def _command(self, line: bytes) -> list[Event]:
         if not self._parts:  # a new command: know its tag early, for errors mid-literal
             self._tag = self._peek_tag(line)
         match = _LITERAL.search(line)

@@ -7,7 +7,7 @@ token on the same connection. Nothing after the login is parsed.
 
 from __future__ import annotations
 
-from .events import Event, LoggedIn, ReadyToAuthenticate, Rejected, Send, StartTls
+from .events import Event, LoggedIn, ReadyToAuthenticate, Rejected, Send
 from .sasl import choose_mechanism, failure_acknowledgement, parse_failure_challenge
 from .upstream import CODE, State, UpstreamLogin
 
@@ -119,10 +119,7 @@ class ImapUpstream(UpstreamLogin):
         if self.state is State.STARTTLS:
             if status != "OK":
                 return [self._fail(f"STARTTLS refused: {text}")]
-            if self._buf:
-                return [self._fail("server sent data after accepting STARTTLS")]
-            self.state = State.TLS
-            return [StartTls()]
+            return self._start_tls("STARTTLS")
         if self.state is State.CAPABILITY:
             if status != "OK":
                 return [self._fail(f"CAPABILITY failed: {text}")]

@@ -82,6 +82,25 @@ class LocalDialogue:
         """Consume what ``_buf`` holds while the state allows it."""
         raise NotImplementedError
 
+    def _command(self, line: bytes) -> list[Event]:
+        """A command line (CRLF removed)."""
+        raise NotImplementedError
+
+    def _error(self, exc: ClientError) -> list[Event]:
+        """Answer a client mistake (and close if it is fatal)."""
+        raise NotImplementedError
+
+    def _line(self, end: int) -> list[Event]:
+        """Take the line that ends at ``_buf[end]`` (a LF) and answer it."""
+        line = bytes(self._buf[:end]).removesuffix(b"\r")
+        del self._buf[: end + 1]
+        try:
+            if self.state is State.SASL:
+                return self._sasl_response(line)
+            return self._command(line)
+        except ClientError as exc:
+            return self._error(exc)
+
     def _reply_line(self, reply: str) -> bytes:
         """The line that carries the reply to the pending command."""
         raise NotImplementedError

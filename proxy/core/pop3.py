@@ -67,16 +67,7 @@ class Pop3Local(LocalDialogue):
                 break
             if end < 0:
                 break
-            line = bytes(self._buf[:end]).removesuffix(b"\r")
-            del self._buf[: end + 1]
-            try:
-                if self.state is State.SASL:
-                    events += self._sasl_response(line)
-                else:
-                    events += self._command(line)
-            except ClientError as exc:
-                self.state = State.COMMAND
-                events.append(Send(f"{exc.reply}\r\n".encode()))
+            events += self._line(end)
         return events
 
     # -- commands --------------------------------------------------------------------------
@@ -135,6 +126,10 @@ class Pop3Local(LocalDialogue):
 
     def _reply_line(self, reply: str) -> bytes:
         return f"{reply}\r\n".encode()
+
+    def _error(self, exc: ClientError) -> list[Event]:
+        self.state = State.COMMAND
+        return [Send(self._reply_line(exc.reply))]
 
     def _welcome(self, capabilities: str | None) -> bytes:
         # A POP3 +OK cannot carry capabilities: the client asks CAPA.

@@ -8,7 +8,7 @@ shell may call ``authenticate`` again with a new token on the same connection.
 
 from __future__ import annotations
 
-from .events import Event, LoggedIn, ReadyToAuthenticate, Rejected, Send, StartTls
+from .events import Event, LoggedIn, ReadyToAuthenticate, Rejected, Send
 from .sasl import Mechanism, choose_mechanism, failure_acknowledgement, parse_failure_challenge
 from .upstream import CODE, State, UpstreamLogin
 
@@ -84,10 +84,7 @@ class Pop3Upstream(UpstreamLogin):
         if state is State.STARTTLS:
             if status != "+OK":
                 return [self._fail(f"STLS refused: {text}")]
-            if self._buf:
-                return [self._fail("server sent data after accepting STLS")]
-            self.state = State.TLS
-            return [StartTls()]
+            return self._start_tls("STLS")
         if state is State.CAPABILITY:
             if status == "+OK":
                 self._capa = []

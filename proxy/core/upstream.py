@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from enum import Enum, auto
 
-from .events import Event, UpstreamFailed
+from .events import Event, StartTls, UpstreamFailed
 from .sasl import Mechanism, initial_response
 
 MAX_LINE = 65536
@@ -73,6 +73,14 @@ class UpstreamLogin:
 
     def _line(self, line: str) -> list[Event]:
         raise NotImplementedError
+
+    def _start_tls(self, command: str) -> list[Event]:
+        """The server accepted ``command`` (STARTTLS, STLS): hand over to the shell for the
+        handshake. Anything already sent after the OK would be injected: fail instead."""
+        if self._buf:
+            return [self._fail(f"server sent data after accepting {command}")]
+        self.state = State.TLS
+        return [StartTls()]
 
     def _logged_in(self) -> bytes:
         """The login succeeded: the core is done; returns what the server sent after it."""
