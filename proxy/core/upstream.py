@@ -27,7 +27,8 @@ class State(Enum):
 
 
 # States in which no server data is expected: the login is over, or the shell has the turn.
-_PAUSED = frozenset({State.DONE, State.FAILED, State.TLS, State.READY})
+# A tuple, not a set: members compare by identity, a set would call Enum.__hash__.
+_PAUSED = (State.DONE, State.FAILED, State.TLS, State.READY)
 
 
 class UpstreamLogin:
