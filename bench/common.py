@@ -158,7 +158,7 @@ def launch_proxy(tmp: Path, protocol: str, port: int, user: str, password: str,
 
     ``account`` and ``options`` are TOML values written as given, for the account and the
     ``protocol`` section."""
-    from tests.support.dovecot import free_port
+    from tests.support.servers import free_port
     from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET
 
     lines = [f'state_dir = "{tmp / "state"}"', 'log_level = "info"']

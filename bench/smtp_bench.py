@@ -67,8 +67,9 @@ from common import (  # the repository root goes on sys.path here
     stop_proxy,
 )
 
-from tests.support.dovecot import Dovecot, dovecot_available, free_port
+from tests.support.dovecot import Dovecot, dovecot_available
 from tests.support.postfix import Postfix, postfix_available
+from tests.support.servers import free_port
 from tests.support.tlsca import TestCA, make_test_ca
 from tests.support.tokenserver import (
     TEST_CLIENT_ID,

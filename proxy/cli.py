@@ -201,8 +201,8 @@ def _open(vault: Vault, account: Account, purpose: str) -> None:
 
 
 def _run(settings: Settings, defaults: bool) -> int:
-    from .control import ControlError
-    from .server import serve
+    from .daemon.control import ControlError
+    from .daemon.server import serve
     from .tokens.keys import MasterKeyError
 
     log = logging.getLogger("mailproxy")
@@ -457,7 +457,7 @@ async def _authorize(settings: Settings, account: Account, args: argparse.Namesp
 
 
 def _status(settings: Settings, *, as_json: bool) -> int:
-    from .control import ControlError, query_sync
+    from .daemon.control import ControlError, query_sync
 
     try:
         reply = query_sync(settings.control_path, "status")

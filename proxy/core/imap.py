@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum, auto
 
 from .. import __version__
-from .events import Close, Event, LoginRequest, Send
-from .sasl import SaslError, decode_plain
+from .events import Event, Send
+from .local import ClientError, LocalDialogue, State
+
+__all__ = ["ACCEPTED", "CAPABILITIES", "ClientError", "ImapLocal", "State"]
 
 CAPABILITIES = "IMAP4rev1 AUTH=PLAIN SASL-IR ID LITERAL+"
 ACCEPTED = "CAPABILITY, NOOP, ID, LOGIN, AUTHENTICATE PLAIN and LOGOUT"
@@ -22,24 +23,6 @@ _LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}$")
 # RFC 3501 atom: any CHAR except atom-specials; a tag additionally excludes "+".
 _ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
 _MAX_LITERALS = 4
-
-
-class State(Enum):
-    COMMAND = auto()  # reading a command line
-    LITERAL = auto()  # reading the bytes of a {n} literal
-    SASL = auto()  # waiting for the client's AUTHENTICATE response line
-    LOGIN = auto()  # the shell is logging in; input is buffered
-    DONE = auto()  # logged in: the rest is relayed
-    CLOSED = auto()
-
-
-class ClientError(Exception):
-    """A client mistake with the reply that explains it (without the tag)."""
-
-    def __init__(self, reply: str, *, fatal: bool = False) -> None:
-        super().__init__(reply)
-        self.reply = reply
-        self.fatal = fatal
 
 
 @dataclass(frozen=True)
@@ -105,35 +88,28 @@ def _utf8(data: bytes) -> str:
         raise ClientError("BAD Strings must be UTF-8") from None
 
 
-class ImapLocal:
+class ImapLocal(LocalDialogue):
     """Pre-login IMAP server dialogue. One instance per client connection."""
+
+    ERROR = "BAD"
+    CANCELLED = "BAD AUTHENTICATE cancelled"
+    AUTHZID_REFUSED = "NO [AUTHORIZATIONFAILED] Acting as another user (authzid) is not supported"
+    IDLE_BYE = "* BYE Autologout: idle for too long before login\r\n"
+    FAILURES_BYE = "* BYE Too many failed logins\r\n"
 
     def __init__(self, *, max_line: int = 8192, max_literal: int = 8192,
                  max_auth_failures: int = 5) -> None:
+        super().__init__(max_auth_failures=max_auth_failures)
         self.max_line = max_line
         self.max_literal = max_literal
-        self.max_auth_failures = max_auth_failures
-        self.state = State.COMMAND
-        self._buf = bytearray()
         self._parts: list[bytes | _Literal] = []
         self._literal_left = 0
         self._tag = ""
-        self._failures = 0
 
     def greeting(self) -> bytes:
         return f"* OK [CAPABILITY {CAPABILITIES}] mailproxy ready\r\n".encode()
 
     # -- input -----------------------------------------------------------------------------
-
-    def receive(self, data: bytes) -> list[Event]:
-        if self.state in (State.DONE, State.CLOSED):
-            raise RuntimeError(f"receive() in state {self.state.name}")
-        self._buf += data
-        return self._process()
-
-    def timeout(self) -> list[Event]:
-        """The client stayed silent too long before logging in."""
-        return self._close("* BYE Autologout: idle for too long before login\r\n", "idle")
 
     def _process(self) -> list[Event]:
         events: list[Event] = []
@@ -153,18 +129,10 @@ class ImapLocal:
             if end > self.max_line:
                 events += self._close("* BYE Command line too long\r\n", "line too long")
                 break
-            line = bytes(self._buf[:end]).removesuffix(b"\r")
-            del self._buf[: end + 1]
-            try:
-                if self.state is State.SASL:
-                    events += self._sasl_response(line)
-                else:
-                    events += self._command_line(line)
-            except ClientError as exc:
-                events += self._error(exc)
+            events += self._line(end)
         return events
 
-    def _command_line(self, line: bytes) -> list[Event]:
+    def _command(self, line: bytes) -> list[Event]:
         if not self._parts:  # a new command: know its tag early, for errors mid-literal
             self._tag = self._peek_tag(line)
         match = _LITERAL.search(line)
@@ -249,49 +217,14 @@ class ImapLocal:
         self.state = State.SASL
         return [Send(b"+ \r\n")]
 
-    def _sasl_response(self, line: bytes) -> list[Event]:
-        self.state = State.COMMAND
-        if line.strip() == b"*":
-            raise ClientError("BAD AUTHENTICATE cancelled")
-        return self._plain(line)
+    # -- replies ---------------------------------------------------------------------------
 
-    def _plain(self, raw: bytes) -> list[Event]:
-        try:
-            creds = decode_plain(raw)
-        except SaslError as exc:
-            raise ClientError(f"BAD Invalid PLAIN response: {exc}") from None
-        if creds.authzid and creds.authzid != creds.username:
-            return [Send(f"{self._tag} NO [AUTHORIZATIONFAILED] Acting as another user "
-                         "(authzid) is not supported\r\n".encode())]
-        return self._login(creds.username, creds.password, "PLAIN")
+    def _reply_line(self, reply: str) -> bytes:
+        return f"{self._tag} {reply}\r\n".encode()
 
-    def _login(self, user: str, password: str, mechanism: str) -> list[Event]:
-        self.state = State.LOGIN
-        return [LoginRequest(user, password, mechanism)]
-
-    # -- login outcome (from the shell) ----------------------------------------------------
-
-    def login_rejected(self, reply: str) -> list[Event]:
-        """Answer the pending login with ``reply`` (e.g. ``NO [UNAVAILABLE] ...``)."""
-        self._expect_login()
-        self.state = State.COMMAND
-        events: list[Event] = [Send(f"{self._tag} {reply}\r\n".encode())]
-        self._failures += 1
-        if self._failures >= self.max_auth_failures:
-            return events + self._close("* BYE Too many failed logins\r\n", "auth failures")
-        return events + self._process()
-
-    def login_accepted(self, capabilities: str | None) -> tuple[bytes, bytes]:
-        """The reply for the client and the bytes it sent after its login command."""
-        self._expect_login()
-        self.state = State.DONE
+    def _welcome(self, capabilities: str | None) -> bytes:
         code = f"[CAPABILITY {capabilities}] " if capabilities else ""
-        trailing, self._buf = bytes(self._buf), bytearray()
-        return f"{self._tag} OK {code}Logged in\r\n".encode(), trailing
-
-    def _expect_login(self) -> None:
-        if self.state is not State.LOGIN:
-            raise RuntimeError(f"no login pending (state {self.state.name})")
+        return f"{self._tag} OK {code}Logged in\r\n".encode()
 
     # -- errors ----------------------------------------------------------------------------
 
@@ -303,8 +236,3 @@ class ImapLocal:
         if exc.fatal:
             events += self._close("* BYE Cannot continue after that error\r\n", exc.reply)
         return events
-
-    def _close(self, text: str, reason: str) -> list[Event]:
-        self.state = State.CLOSED
-        self._buf.clear()
-        return [Send(text.encode()), Close(reason)]

@@ -7,69 +7,23 @@ token on the same connection. Nothing after the login is parsed.
 
 from __future__ import annotations
 
-import re
-from enum import Enum, auto
+from .events import Event, LoggedIn, ReadyToAuthenticate, Rejected, Send
+from .sasl import choose_mechanism, failure_acknowledgement, parse_failure_challenge
+from .upstream import CODE, State, UpstreamLogin
 
-from .events import (
-    Event,
-    LoggedIn,
-    ReadyToAuthenticate,
-    Rejected,
-    Send,
-    StartTls,
-    UpstreamFailed,
-)
-from .lines import LineReader
-from .sasl import (
-    Mechanism,
-    choose_mechanism,
-    failure_acknowledgement,
-    initial_response,
-    parse_failure_challenge,
-)
+__all__ = ["TEMPORARY_CODES", "ImapUpstream", "State"]
 
-_CODE = re.compile(r"^\[([^\]]*)\]\s*")
 # Response codes after which a retry with a new token is pointless: the server is the problem.
 TEMPORARY_CODES = frozenset({"UNAVAILABLE", "SERVERBUG", "LIMIT", "INUSE"})
 
 
-class State(Enum):
-    GREETING = auto()
-    STARTTLS = auto()  # STARTTLS sent, waiting for its OK
-    TLS = auto()  # the shell is upgrading the connection
-    CAPABILITY = auto()  # CAPABILITY sent
-    READY = auto()  # waiting for a token
-    AUTH = auto()  # AUTHENTICATE sent without initial response, waiting for "+"
-    AUTH_SENT = auto()  # the token is sent, waiting for the verdict
-    DONE = auto()
-    FAILED = auto()
-
-
-class ImapUpstream(LineReader):
+class ImapUpstream(UpstreamLogin):
     def __init__(self, user: str, *, starttls: bool = False, mechanism: str = "auto",
                  host: str | None = None, port: int | None = None) -> None:
-        super().__init__()
-        self.user = user
-        self.starttls = starttls
-        self.preference = mechanism
-        self.host, self.port = host, port
-        self.state = State.GREETING
-        self.capabilities: frozenset[str] = frozenset()
+        super().__init__(user, starttls=starttls, mechanism=mechanism, host=host, port=port)
         self._post_login_caps: str | None = None
         self._seq = 0
         self._tag = ""
-        self._mechanism: Mechanism = "XOAUTH2"
-        self._token = ""
-        self._challenge: dict[str, object] = {}
-
-    def _reading(self) -> bool:
-        return self.state not in (State.DONE, State.FAILED, State.TLS, State.READY)
-
-    def _finished(self) -> bool:
-        return self.state in (State.DONE, State.FAILED)
-
-    def _state_name(self) -> str:
-        return self.state.name
 
     def tls_established(self) -> list[Event]:
         """The shell finished the TLS handshake; capabilities seen before it are void."""
@@ -161,14 +115,11 @@ class ImapUpstream(LineReader):
 
     def _tagged(self, status: str, text: str) -> list[Event]:
         code = self._read_code(text)
-        text = _CODE.sub("", text)
+        text = CODE.sub("", text)
         if self.state is State.STARTTLS:
             if status != "OK":
                 return [self._fail(f"STARTTLS refused: {text}")]
-            if self._buf:
-                return [self._fail("server sent data after accepting STARTTLS")]
-            self.state = State.TLS
-            return [StartTls()]
+            return self._start_tls("STARTTLS")
         if self.state is State.CAPABILITY:
             if status != "OK":
                 return [self._fail(f"CAPABILITY failed: {text}")]
@@ -177,9 +128,7 @@ class ImapUpstream(LineReader):
         if self.state in (State.AUTH, State.AUTH_SENT):
             self._token = ""
             if status == "OK":
-                self.state = State.DONE
-                trailing, self._buf = bytes(self._buf), bytearray()
-                return [LoggedIn(self._post_login_caps, trailing)]
+                return [LoggedIn(self._post_login_caps, self._logged_in())]
             self.state = State.READY
             shown = f"[{code}] {text}" if code else text
             temporary = code is not None and code.split()[0].upper() in TEMPORARY_CODES
@@ -189,7 +138,7 @@ class ImapUpstream(LineReader):
     # -- helpers ---------------------------------------------------------------------------
 
     def _read_code(self, text: str) -> str | None:
-        match = _CODE.match(text)
+        match = CODE.match(text)
         if not match:
             return None
         code = match.group(1)
@@ -203,15 +152,7 @@ class ImapUpstream(LineReader):
         else:
             self.capabilities = frozenset(caps.upper().split())
 
-    def _response(self) -> bytes:
-        return initial_response(self._mechanism, self.user, self._token, self.host, self.port)
-
     def _next_tag(self) -> str:
         self._seq += 1
         self._tag = f"mp{self._seq}"
         return self._tag
-
-    def _fail(self, reason: str) -> UpstreamFailed:
-        self.state = State.FAILED
-        self._token = ""
-        return UpstreamFailed(reason)

@@ -7,10 +7,11 @@ over every byte it buffered but did not consume (pipelined commands), to be rela
 
 from __future__ import annotations
 
-from enum import Enum, auto
+from .events import Event, Send
+from .local import ClientError, LocalDialogue, State
 
-from .events import Close, Event, LoginRequest, Send
-from .sasl import SaslError, decode_plain
+__all__ = ["ACCEPTED", "CAPABILITIES", "MAX_LINE", "MAX_SASL_LINE", "ClientError", "Pop3Local",
+           "State"]
 
 # Not PIPELINING: the commands a client pipelines after login go to the server, which may not
 # offer it (Gmail does not). After login the server's own CAPA answer is relayed.
@@ -26,22 +27,6 @@ MAX_LINE = 255
 MAX_SASL_LINE = 1026
 
 
-class State(Enum):
-    COMMAND = auto()  # reading a command line
-    SASL = auto()  # waiting for the client's AUTH PLAIN response line
-    LOGIN = auto()  # the shell is logging in; input is buffered
-    DONE = auto()  # logged in: the rest is relayed
-    CLOSED = auto()
-
-
-class ClientError(Exception):
-    """A client mistake with the ``-ERR`` reply that explains it."""
-
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
-        self.reply = reply
-
-
 def _utf8(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
@@ -49,30 +34,24 @@ def _utf8(data: bytes, what: str) -> str:
         raise ClientError(f"-ERR {what} must be UTF-8") from None
 
 
-class Pop3Local:
+class Pop3Local(LocalDialogue):
     """Pre-login POP3 server dialogue (AUTHORIZATION state). One instance per connection."""
 
+    ERROR = "-ERR"
+    CANCELLED = "-ERR AUTH cancelled"
+    AUTHZID_REFUSED = "-ERR [AUTH] Acting as another user (authzid) is not supported"
+    IDLE_BYE = "-ERR Disconnected: idle for too long before login\r\n"
+    # No second -ERR: a POP3 client would take it as the answer to its next command.
+    FAILURES_BYE = ""
+
     def __init__(self, *, max_auth_failures: int = 5) -> None:
-        self.max_auth_failures = max_auth_failures
-        self.state = State.COMMAND
-        self._buf = bytearray()
+        super().__init__(max_auth_failures=max_auth_failures)
         self._user: str | None = None
-        self._failures = 0
 
     def greeting(self) -> bytes:
         return b"+OK mailproxy ready\r\n"
 
     # -- input -----------------------------------------------------------------------------
-
-    def receive(self, data: bytes) -> list[Event]:
-        if self.state in (State.DONE, State.CLOSED):
-            raise RuntimeError(f"receive() in state {self.state.name}")
-        self._buf += data
-        return self._process()
-
-    def timeout(self) -> list[Event]:
-        """The client stayed silent too long before logging in."""
-        return self._close("-ERR Disconnected: idle for too long before login\r\n", "idle")
 
     def _process(self) -> list[Event]:
         events: list[Event] = []
@@ -88,16 +67,7 @@ class Pop3Local:
                 break
             if end < 0:
                 break
-            line = bytes(self._buf[:end]).removesuffix(b"\r")
-            del self._buf[: end + 1]
-            try:
-                if self.state is State.SASL:
-                    events += self._sasl_response(line)
-                else:
-                    events += self._command(line)
-            except ClientError as exc:
-                self.state = State.COMMAND
-                events.append(Send(f"{exc.reply}\r\n".encode()))
+            events += self._line(end)
         return events
 
     # -- commands --------------------------------------------------------------------------
@@ -152,54 +122,15 @@ class Pop3Local:
         self.state = State.SASL
         return [Send(b"+ \r\n")]
 
-    def _sasl_response(self, line: bytes) -> list[Event]:
+    # -- replies ---------------------------------------------------------------------------
+
+    def _reply_line(self, reply: str) -> bytes:
+        return f"{reply}\r\n".encode()
+
+    def _error(self, exc: ClientError) -> list[Event]:
         self.state = State.COMMAND
-        if line.strip() == b"*":
-            raise ClientError("-ERR AUTH cancelled")
-        return self._plain(line)
+        return [Send(self._reply_line(exc.reply))]
 
-    def _plain(self, raw: bytes) -> list[Event]:
-        try:
-            creds = decode_plain(raw)
-        except SaslError as exc:
-            raise ClientError(f"-ERR Invalid PLAIN response: {exc}") from None
-        if creds.authzid and creds.authzid != creds.username:
-            raise ClientError("-ERR [AUTH] Acting as another user (authzid) is not supported")
-        return self._login(creds.username, creds.password, "PLAIN")
-
-    def _login(self, user: str, password: str, mechanism: str) -> list[Event]:
-        self.state = State.LOGIN
-        return [LoginRequest(user, password, mechanism)]
-
-    # -- login outcome (from the shell) ----------------------------------------------------
-
-    def login_rejected(self, reply: str) -> list[Event]:
-        """Answer the pending login with ``reply`` (e.g. ``-ERR [SYS/TEMP] ...``)."""
-        self._expect_login()
-        self.state = State.COMMAND
-        events: list[Event] = [Send(f"{reply}\r\n".encode())]
-        self._failures += 1
-        if self._failures >= self.max_auth_failures:
-            # No second -ERR: a POP3 client would take it as the answer to its next command.
-            return events + self._close("", "auth failures")
-        return events + self._process()
-
-    def login_accepted(self, capabilities: str | None = None) -> tuple[bytes, bytes]:
-        """The reply for the client and the bytes it sent after its login command.
-
-        ``capabilities`` is unused: a POP3 +OK cannot carry them; the client asks CAPA.
-        """
-        self._expect_login()
-        self.state = State.DONE
-        trailing, self._buf = bytes(self._buf), bytearray()
-        return b"+OK Logged in\r\n", trailing
-
-    def _expect_login(self) -> None:
-        if self.state is not State.LOGIN:
-            raise RuntimeError(f"no login pending (state {self.state.name})")
-
-    def _close(self, text: str, reason: str) -> list[Event]:
-        self.state = State.CLOSED
-        self._buf.clear()
-        events: list[Event] = [Send(text.encode())] if text else []
-        return [*events, Close(reason)]
+    def _welcome(self, capabilities: str | None) -> bytes:
+        # A POP3 +OK cannot carry capabilities: the client asks CAPA.
+        return b"+OK Logged in\r\n"

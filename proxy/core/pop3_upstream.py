@@ -8,42 +8,14 @@ shell may call ``authenticate`` again with a new token on the same connection.
 
 from __future__ import annotations
 
-import re
-from enum import Enum, auto
+from .events import Event, LoggedIn, ReadyToAuthenticate, Rejected, Send
+from .sasl import Mechanism, choose_mechanism, failure_acknowledgement, parse_failure_challenge
+from .upstream import CODE, State, UpstreamLogin
 
-from .events import (
-    Event,
-    LoggedIn,
-    ReadyToAuthenticate,
-    Rejected,
-    Send,
-    StartTls,
-    UpstreamFailed,
-)
-from .lines import LineReader
-from .sasl import (
-    Mechanism,
-    choose_mechanism,
-    failure_acknowledgement,
-    initial_response,
-    parse_failure_challenge,
-)
+__all__ = ["TEMPORARY_CODES", "Pop3Upstream", "State"]
 
-_CODE = re.compile(r"^\[([^\]]*)\]\s*")
 # RFC 2449 / RFC 3206 response codes after which a new token would not help.
 TEMPORARY_CODES = frozenset({"SYS/TEMP", "IN-USE", "LOGIN-DELAY"})
-
-
-class State(Enum):
-    GREETING = auto()
-    STLS = auto()  # STLS sent, waiting for its +OK
-    TLS = auto()  # the shell is upgrading the connection
-    CAPA = auto()  # CAPA sent
-    READY = auto()  # waiting for a token
-    AUTH = auto()  # AUTH sent, waiting for "+"
-    AUTH_SENT = auto()  # the token is sent, waiting for the verdict
-    DONE = auto()
-    FAILED = auto()
 
 
 def _status(line: str) -> tuple[str, str]:
@@ -53,30 +25,15 @@ def _status(line: str) -> tuple[str, str]:
     return (word, text) if word in ("+OK", "-ERR") else ("", line)
 
 
-class Pop3Upstream(LineReader):
+class Pop3Upstream(UpstreamLogin):
+    """``capabilities`` holds the CAPA tags (upper case); STARTTLS and CAPABILITY in ``State``
+    stand for STLS and CAPA."""
+
     def __init__(self, user: str, *, starttls: bool = False, mechanism: str = "auto",
                  host: str | None = None, port: int | None = None) -> None:
-        super().__init__()
-        self.user = user
-        self.starttls = starttls
-        self.preference = mechanism
-        self.host, self.port = host, port
-        self.state = State.GREETING
-        self.capabilities: frozenset[str] = frozenset()  # CAPA tags, upper case
+        super().__init__(user, starttls=starttls, mechanism=mechanism, host=host, port=port)
         self.sasl: frozenset[str] | None = None  # the SASL line's mechanisms; None: no such line
         self._capa: list[str] | None = None  # lines of a CAPA answer being read
-        self._mechanism: Mechanism = "XOAUTH2"
-        self._token = ""
-        self._challenge: dict[str, object] = {}
-
-    def _reading(self) -> bool:
-        return self.state not in (State.DONE, State.FAILED, State.TLS, State.READY)
-
-    def _finished(self) -> bool:
-        return self.state in (State.DONE, State.FAILED)
-
-    def _state_name(self) -> str:
-        return self.state.name
 
     def tls_established(self) -> list[Event]:
         """The shell finished the TLS handshake: ask for the capabilities (first time)."""
@@ -109,7 +66,7 @@ class Pop3Upstream(LineReader):
 
     def _line(self, line: str) -> list[Event]:
         state = self.state
-        if state is State.CAPA and self._capa is not None:
+        if state is State.CAPABILITY and self._capa is not None:
             return self._capa_line(line)
         if state in (State.AUTH, State.AUTH_SENT) and (line == "+" or line.startswith("+ ")):
             return self._continuation(line[2:])
@@ -121,17 +78,14 @@ class Pop3Upstream(LineReader):
             if status == "-ERR":
                 return [self._fail(f"server refused the connection: {text}")]
             if self.starttls:
-                self.state = State.STLS
+                self.state = State.STARTTLS
                 return [Send(b"STLS\r\n")]
             return self._ask_capa()
-        if state is State.STLS:
+        if state is State.STARTTLS:
             if status != "+OK":
                 return [self._fail(f"STLS refused: {text}")]
-            if self._buf:
-                return [self._fail("server sent data after accepting STLS")]
-            self.state = State.TLS
-            return [StartTls()]
-        if state is State.CAPA:
+            return self._start_tls("STLS")
+        if state is State.CAPABILITY:
             if status == "+OK":
                 self._capa = []
                 return []
@@ -140,7 +94,7 @@ class Pop3Upstream(LineReader):
         return self._verdict(status, text)
 
     def _ask_capa(self) -> list[Event]:
-        self.state = State.CAPA
+        self.state = State.CAPABILITY
         self.capabilities, self.sasl, self._capa = frozenset(), None, None
         return [Send(b"CAPA\r\n")]
 
@@ -176,10 +130,8 @@ class Pop3Upstream(LineReader):
         if status == "+OK":
             if before_token:
                 return [self._fail(f"server accepted AUTH {self._mechanism} without a token")]
-            self.state = State.DONE
-            trailing, self._buf = bytes(self._buf), bytearray()
-            return [LoggedIn(None, trailing)]
-        match = _CODE.match(text)
+            return [LoggedIn(None, self._logged_in())]
+        match = CODE.match(text)
         code = match.group(1).upper() if match else None
         temporary = code in TEMPORARY_CODES
         if before_token and not temporary:
@@ -187,13 +139,3 @@ class Pop3Upstream(LineReader):
             return [self._fail(f"server refused AUTH {self._mechanism}: {text}")]
         self.state = State.READY
         return [Rejected(text.strip(), temporary, dict(self._challenge))]
-
-    # -- helpers ---------------------------------------------------------------------------
-
-    def _response(self) -> bytes:
-        return initial_response(self._mechanism, self.user, self._token, self.host, self.port)
-
-    def _fail(self, reason: str) -> UpstreamFailed:
-        self.state = State.FAILED
-        self._token = ""
-        return UpstreamFailed(reason)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.clirun import ROOT, listen_port, mailproxy, write_config
-from tests.support.dovecot import Dovecot, free_port
+from tests.support.dovecot import Dovecot
 from tests.support.imapclient import RawImap, tagged_status
+from tests.support.servers import free_port
 from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
 
 

@@ -15,9 +15,10 @@ from pydantic import SecretStr
 from proxy.config import VaultSettings
 from proxy.tokens.store import TokenState
 from proxy.tokens.vault import Vault
-from tests.support.dovecot import Dovecot, free_port
+from tests.support.dovecot import Dovecot
 from tests.support.imapclient import RawImap, tagged_status
 from tests.support.proxyrun import LOCAL_PASSWORD, ProxyHarness
+from tests.support.servers import free_port
 from tests.support.tokenserver import TEST_CLIENT_SECRET, TokenServer
 
 MESSAGE = (b"From: Alice <alice@example.test>\r\nTo: Bob <bob@example.test>\r\n"

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.dovecot import Dovecot, free_port
+from tests.support.dovecot import Dovecot
 from tests.support.imapclient import RawImap
+from tests.support.servers import free_port
 from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
 
 ROOT = Path(__file__).resolve().parents[2]

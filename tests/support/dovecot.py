@@ -18,25 +18,23 @@ are owned by that user. As an ordinary user everything runs as that user, withou
 
 from __future__ import annotations
 
-import contextlib
 import grp
 import itertools
 import os
 import pwd
 import secrets
 import shutil
-import socket
-import subprocess
 import time
 from pathlib import Path
 
+from .servers import ServerError, ServerProcess, free_port
 from .tlsca import TestCA
 
 DOVECOT_BIN = Path("/usr/sbin/dovecot")
 DH_PARAMS = Path("/usr/share/dovecot/dh.pem")
 
 
-class DovecotError(RuntimeError):
+class DovecotError(ServerError):
     pass
 
 
@@ -50,29 +48,14 @@ def dovecot_available() -> tuple[bool, str]:
     return True, ""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on ``host`` (the usual bind-to-0 trick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 _counter = itertools.count()
 
 
-class Dovecot:
+class Dovecot(ServerProcess):
     """One private Dovecot; call :meth:`start` (the fixture does) before use."""
 
-    host = "127.0.0.1"
+    name = "dovecot"
+    error = DovecotError
 
     def __init__(self, root: Path, ca: TestCA, introspection_url: str) -> None:
         self.root = root
@@ -96,7 +79,6 @@ class Dovecot:
         self.info_log_path = root / "dovecot-info.log"
         self.stderr_path = root / "dovecot-stderr.log"
         self.instance_name = "mailproxy-test-" + secrets.token_hex(4)
-        self._proc: subprocess.Popen[bytes] | None = None
 
         if os.geteuid() == 0:
             self.internal_user = "dovecot"
@@ -253,82 +235,14 @@ max_parallel_connections = 32
     # -------------------------------------------------------------- lifecycle
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def log_paths(self) -> tuple[Path, ...]:
+        return (self.stderr_path, self.log_path, self.info_log_path)
 
-    def start(self, timeout: float = 20.0) -> None:
-        """Start Dovecot (same ports as before) and wait until every listener accepts."""
-        if self.running:
-            return
-        stderr = self.stderr_path.open("ab")
-        try:
-            self._proc = subprocess.Popen(
-                [str(DOVECOT_BIN), "-F", "-c", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=stderr,
-                stderr=stderr,
-                start_new_session=True,
-            )
-        finally:
-            stderr.close()
-        deadline = time.monotonic() + timeout
-        pending = dict(self.ports)
-        while pending:
-            if self._proc.poll() is not None:
-                rc = self._proc.returncode
-                self._proc = None
-                raise DovecotError(f"dovecot exited with status {rc}:\n{self.log_tail()}")
-            for name, port in list(pending.items()):
-                if _port_open(self.host, port):
-                    del pending[name]
-            if pending and time.monotonic() > deadline:
-                self.stop()
-                raise DovecotError(
-                    f"dovecot did not open {pending} within {timeout}s:\n{self.log_tail()}"
-                )
-            if pending:
-                time.sleep(0.05)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop Dovecot and all its processes; the ports refuse connections afterwards."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
-                proc.wait(5)
-        # the master has already killed its children; make sure the ports are closed
-        deadline = time.monotonic() + timeout
-        while any(_port_open(self.host, p) for p in self.ports.values()):
-            if time.monotonic() > deadline:
-                raise DovecotError("dovecot ports still open after stop")
-            time.sleep(0.05)
-
-    def ensure_running(self) -> None:
-        if not self.running:
-            self.start()
+    def _command(self) -> list[str]:
+        return [str(DOVECOT_BIN), "-F", "-c", str(self.config_path)]
 
     def close(self) -> None:
         self.stop()
-
-    # ------------------------------------------------------------------- logs
-
-    def log_text(self) -> str:
-        parts = []
-        for p in (self.stderr_path, self.log_path, self.info_log_path):
-            if p.exists():
-                text = p.read_text(errors="replace")
-                if text:
-                    parts.append(f"==> {p.name} <==\n{text}")
-        return "\n".join(parts)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
     # ------------------------------------------------------------- mailboxes
 

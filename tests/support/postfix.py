@@ -12,14 +12,13 @@ Postfix wants root to start (it drops privileges to the ``postfix`` user itself)
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
-from .dovecot import Dovecot, _port_open, free_port
+from .dovecot import Dovecot
+from .servers import ServerError, ServerProcess, free_port
 
 POSTFIX_BIN = Path("/usr/sbin/postfix")
 REFUSE_DATA_SENDER = "refuse-data"
@@ -27,7 +26,7 @@ DEFER_DATA_SENDER = "defer-data"
 MESSAGE_SIZE_LIMIT = 40_000_000
 
 
-class PostfixError(RuntimeError):
+class PostfixError(ServerError):
     pass
 
 
@@ -68,8 +67,11 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
-class Postfix:
-    host = "127.0.0.1"
+class Postfix(ServerProcess):
+    name = "postfix"
+    error = PostfixError
+    start_timeout = 30.0
+    stop_timeout = 20.0
     domain = "example.test"
 
     def __init__(self, root: Path, dovecot: Dovecot) -> None:
@@ -83,7 +85,6 @@ class Postfix:
         self.data_dir = root / "data"
         self.log_path = root / "postfix.log"
         self.stderr_path = root / "postfix-stderr.log"
-        self._proc: subprocess.Popen[bytes] | None = None
         self._write_files()
 
     @property
@@ -155,68 +156,17 @@ disable_dns_lookups = yes
                               capture_output=True, text=True, check=check, timeout=60)
 
     @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def log_paths(self) -> tuple[Path, ...]:
+        return (self.stderr_path, self.log_path)
 
-    def start(self, timeout: float = 30.0) -> None:
-        if self.running:
-            return
+    def _command(self) -> list[str]:
+        return [str(POSTFIX_BIN), "-c", str(self.config_dir), "start-fg"]
+
+    def _before_start(self) -> None:
         self.postfix("set-permissions", check=False)
-        stderr = self.stderr_path.open("ab")
-        try:
-            self._proc = subprocess.Popen(
-                [str(POSTFIX_BIN), "-c", str(self.config_dir), "start-fg"],
-                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True)
-        finally:
-            stderr.close()
-        deadline = time.monotonic() + timeout
-        pending = dict(self.ports)
-        while pending:
-            if self._proc.poll() is not None:
-                rc = self._proc.returncode
-                self._proc = None
-                raise PostfixError(f"postfix exited with status {rc}:\n{self.log_tail()}")
-            for name, port in list(pending.items()):
-                if _port_open(self.host, port):
-                    del pending[name]
-            if pending and time.monotonic() > deadline:
-                self.stop()
-                raise PostfixError(f"postfix did not open {pending}:\n{self.log_tail()}")
-            if pending:
-                time.sleep(0.05)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            self.postfix("stop", check=False)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, 9)
-                proc.wait(5)
-        deadline = time.monotonic() + timeout
-        while any(_port_open(self.host, p) for p in self.ports.values()):
-            if time.monotonic() > deadline:
-                raise PostfixError("postfix ports still open after stop")
-            time.sleep(0.05)
-
-    def ensure_running(self) -> None:
-        if not self.running:
-            self.start()
-
-    def log_text(self) -> str:
-        parts = []
-        for p in (self.stderr_path, self.log_path):
-            if p.exists():
-                parts.append(f"==> {p.name} <==\n{p.read_text(errors='replace')}")
-        return "\n".join(parts)
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+    def _ask_to_stop(self, proc: subprocess.Popen[bytes]) -> None:
+        self.postfix("stop", check=False)
 
     def flush(self) -> None:
         """Ask the queue manager to retry deferred mail now."""

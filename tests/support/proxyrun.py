@@ -17,7 +17,7 @@ from proxy.config import (
     SmtpListener,
     TokenSettings,
 )
-from proxy.server import Daemon
+from proxy.daemon.server import Daemon
 from proxy.tokens.store import TokenState
 from proxy.tokens.vault import Vault
 from tests.support.dovecot import Dovecot

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from proxy.control import (
+from proxy.daemon.control import (
     MAX_REQUEST,
     ControlError,
     ControlServer,

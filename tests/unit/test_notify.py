@@ -22,7 +22,7 @@ import pytest
 
 from proxy import __version__
 from proxy.config import NotifySettings
-from proxy.notify import (
+from proxy.daemon.notify import (
     REASON_MAX,
     STDERR_MAX,
     Event,

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
-from .tokens.store import FILE_MODE, ensure_private_dir
+from ..tokens.store import FILE_MODE, ensure_private_dir
 
 log = logging.getLogger("mailproxy.control")
 

@@ -10,15 +10,15 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from . import __version__
-from .config import Account, Settings, parse_hostport
+from .. import __version__
+from ..config import Account, Settings, parse_hostport
+from ..login import Gate, authorize_hint
+from ..net import Conn
+from ..tokens.keys import load_master_key
+from ..tokens.manager import TokenManager
+from ..tokens.vault import Vault, VaultError
 from .control import ControlServer
-from .login import Gate, authorize_hint
-from .net import Conn
 from .notify import Event, EventName, Notifier, event_key
-from .tokens.keys import load_master_key
-from .tokens.manager import TokenManager
-from .tokens.vault import Vault, VaultError
 
 log = logging.getLogger("mailproxy")
 
@@ -56,9 +56,9 @@ class Daemon:
         return host, port
 
     async def run(self) -> None:
-        from .imap_session import imap_session
-        from .pop3_session import pop3_session
-        from .smtp import SmtpService
+        from ..sessions.imap import imap_session
+        from ..sessions.pop3 import pop3_session
+        from ..smtp import SmtpService
 
         loop = asyncio.get_running_loop()
         listeners: dict[str, tuple[str, Session]] = {

@@ -8,10 +8,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from .config import Account
-from .core.events import Close, Event, LoginRequest, Send
-from .login import Gate, Refusal
-from .net import Conn, splice
+from ..config import Account
+from ..core.events import Close, Event, LoginRequest, Send
+from ..login import Gate, Refusal
+from ..net import Conn, splice
 from .upstream import UpstreamSession
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from pathlib import Path
-from typing import Literal, Protocol
+from typing import ClassVar, Literal
 
-from .config import Account
-from .core.events import (
+from ..config import Account
+from ..core.events import (
     Event,
     LoggedIn,
     ReadyToAuthenticate,
@@ -18,21 +17,12 @@ from .core.events import (
     StartTls,
     UpstreamFailed,
 )
-from .login import Refusal, UpstreamError, UpstreamRejection
-from .net import Conn, client_tls_context, describe_error, open_connection, start_tls
-from .providers import Server
+from ..core.upstream import UpstreamLogin
+from ..login import Refusal, UpstreamError, UpstreamRejection
+from ..net import Conn, client_tls_context, describe_error, open_connection, start_tls
+from ..providers import Server
 
 UPSTREAM_TIMEOUT = 30.0
-
-
-class LoginCore(Protocol):
-    """What ``ImapUpstream`` and ``Pop3Upstream`` have in common."""
-
-    def receive(self, data: bytes) -> list[Event]: ...
-
-    def tls_established(self) -> list[Event]: ...
-
-    def authenticate(self, token: str) -> list[Event]: ...
 
 
 class NoServer(Refusal):
@@ -51,15 +41,21 @@ def server_for(account: Account, proto: Literal["imap", "pop3", "smtp"]) -> Serv
 
 
 class UpstreamSession:
-    """Upstream login for one account with one protocol core."""
+    """Upstream login for one account (the ``login.Upstream`` interface); a subclass names
+    its protocol and the sans-IO login core that speaks it."""
 
-    def __init__(self, server: Server, core: LoginCore, ca_file: Path | None,
-                 timeout: float = UPSTREAM_TIMEOUT) -> None:
+    proto: ClassVar[Literal["imap", "pop3"]]
+    core_type: ClassVar[type[UpstreamLogin]]
+
+    def __init__(self, account: Account, timeout: float = UPSTREAM_TIMEOUT) -> None:
+        server = server_for(account, self.proto)
         self.server = server
         self.description = str(server)
         self.timeout = timeout
-        self.tls = client_tls_context(ca_file)
-        self.core = core
+        self.tls = client_tls_context(account.ca_file)
+        self.core = self.core_type(account.sasl_user, starttls=server.tls == "starttls",
+                                   mechanism=account.sasl_mechanism, host=server.host,
+                                   port=server.port)
         self.conn: Conn | None = None
         self.logged_in: LoggedIn | None = None
 

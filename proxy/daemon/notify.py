@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from . import __version__
-from .config import NotifySettings
+from .. import __version__
+from ..config import NotifySettings
 
 log = logging.getLogger("mailproxy.notify")
 

@@ -1,14 +1,15 @@
-"""An IMAP client session: run the local core, log in upstream, then splice."""
+"""The IMAP session shell: the local IMAP core, the upstream IMAP login, the IMAP replies
+to a refused login."""
 
 from __future__ import annotations
 
-from .config import Account, Settings
-from .core.imap import ImapLocal
-from .core.imap_upstream import ImapUpstream
-from .login import Gate, Refusal
-from .net import Conn
-from .session import serve_client
-from .upstream import UPSTREAM_TIMEOUT, NoServer, UpstreamSession, server_for
+from ..config import Settings
+from ..core.imap import ImapLocal
+from ..core.imap_upstream import ImapUpstream
+from ..login import Gate, Refusal
+from ..net import Conn
+from .client import serve_client
+from .upstream import NoServer, UpstreamSession
 
 _CODES = {
     "credentials": "NO [AUTHENTICATIONFAILED]",
@@ -19,13 +20,10 @@ _CODES = {
 
 
 class ImapUpstreamSession(UpstreamSession):
-    """Upstream IMAP login for one account (the ``login.Upstream`` interface)."""
+    """Upstream IMAP login for one account."""
 
-    def __init__(self, account: Account, timeout: float = UPSTREAM_TIMEOUT) -> None:
-        server = server_for(account, "imap")
-        core = ImapUpstream(account.sasl_user, starttls=server.tls == "starttls",
-                            mechanism=account.sasl_mechanism, host=server.host, port=server.port)
-        super().__init__(server, core, account.ca_file, timeout)
+    proto = "imap"
+    core_type = ImapUpstream
 
 
 async def imap_session(gate: Gate, settings: Settings, client: Conn) -> None:

@@ -1,16 +1,17 @@
-"""A POP3 client session: run the local core, log in upstream, then splice."""
+"""The POP3 session shell: the local POP3 core, the upstream POP3 login, the POP3 replies
+to a refused login."""
 
 from __future__ import annotations
 
 import logging
 
-from .config import Account, Settings
-from .core.pop3 import Pop3Local
-from .core.pop3_upstream import Pop3Upstream
-from .login import Gate, Refusal
-from .net import Conn
-from .session import serve_client
-from .upstream import UPSTREAM_TIMEOUT, NoServer, UpstreamSession, server_for
+from ..config import Settings
+from ..core.pop3 import Pop3Local
+from ..core.pop3_upstream import Pop3Upstream
+from ..login import Gate, Refusal
+from ..net import Conn
+from .client import serve_client
+from .upstream import NoServer, UpstreamSession
 
 log = logging.getLogger("mailproxy.pop3")
 
@@ -25,13 +26,10 @@ _CODES = {
 
 
 class Pop3UpstreamSession(UpstreamSession):
-    """Upstream POP3 login for one account (the ``login.Upstream`` interface)."""
+    """Upstream POP3 login for one account."""
 
-    def __init__(self, account: Account, timeout: float = UPSTREAM_TIMEOUT) -> None:
-        server = server_for(account, "pop3")
-        core = Pop3Upstream(account.sasl_user, starttls=server.tls == "starttls",
-                            mechanism=account.sasl_mechanism, host=server.host, port=server.port)
-        super().__init__(server, core, account.ca_file, timeout)
+    proto = "pop3"
+    core_type = Pop3Upstream
 
 
 def _reply(refusal: Refusal) -> str:

@@ -1,0 +1,139 @@
+"""What the IMAP and POP3 local (client-side) cores share: the pre-login states, input
+buffering, the pending login and its outcome, failed-login counting, PLAIN and closing."""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+from typing import ClassVar
+
+from .events import Close, Event, LoginRequest, Send
+from .sasl import SaslError, decode_plain
+
+
+class State(Enum):
+    COMMAND = auto()  # reading a command line
+    LITERAL = auto()  # IMAP only: reading the bytes of a {n} literal
+    SASL = auto()  # waiting for the client's AUTHENTICATE / AUTH PLAIN response line
+    LOGIN = auto()  # the shell is logging in; input is buffered
+    DONE = auto()  # logged in: the rest is relayed
+    CLOSED = auto()
+
+
+class ClientError(Exception):
+    """A client mistake with the reply that explains it (IMAP: without the tag). ``fatal``:
+    the stream cannot be resynced, so the connection closes after the reply."""
+
+    def __init__(self, reply: str, *, fatal: bool = False) -> None:
+        super().__init__(reply)
+        self.reply = reply
+        self.fatal = fatal
+
+
+class LocalDialogue:
+    """Base of the pre-login cores. A subclass parses its protocol in ``_process`` and says
+    how its replies look; the login handling and its hand-over are the same for both."""
+
+    # The protocol's words: error prefix, replies to a cancelled SASL exchange and to an
+    # authzid, what to send when the client idles out or fails too often ("": nothing).
+    ERROR: ClassVar[str]
+    CANCELLED: ClassVar[str]
+    AUTHZID_REFUSED: ClassVar[str]
+    IDLE_BYE: ClassVar[str]
+    FAILURES_BYE: ClassVar[str]
+
+    def __init__(self, *, max_auth_failures: int = 5) -> None:
+        self.max_auth_failures = max_auth_failures
+        self.state = State.COMMAND
+        self._buf = bytearray()
+        self._failures = 0
+
+    def receive(self, data: bytes) -> list[Event]:
+        if self.state in (State.DONE, State.CLOSED):
+            raise RuntimeError(f"receive() in state {self.state.name}")
+        self._buf += data
+        return self._process()
+
+    def timeout(self) -> list[Event]:
+        """The client stayed silent too long before logging in."""
+        return self._close(self.IDLE_BYE, "idle")
+
+    # -- login outcome (from the shell) ----------------------------------------------------
+
+    def login_rejected(self, reply: str) -> list[Event]:
+        """Answer the pending login with ``reply`` (e.g. ``NO [UNAVAILABLE] ...``)."""
+        self._expect_login()
+        self.state = State.COMMAND
+        events: list[Event] = [Send(self._reply_line(reply))]
+        self._failures += 1
+        if self._failures >= self.max_auth_failures:
+            return events + self._close(self.FAILURES_BYE, "auth failures")
+        return events + self._process()
+
+    def login_accepted(self, capabilities: str | None = None) -> tuple[bytes, bytes]:
+        """The reply for the client and the bytes it sent after its login command."""
+        self._expect_login()
+        self.state = State.DONE
+        trailing, self._buf = bytes(self._buf), bytearray()
+        return self._welcome(capabilities), trailing
+
+    # -- for the subclasses ----------------------------------------------------------------
+
+    def _process(self) -> list[Event]:
+        """Consume what ``_buf`` holds while the state allows it."""
+        raise NotImplementedError
+
+    def _command(self, line: bytes) -> list[Event]:
+        """A command line (CRLF removed)."""
+        raise NotImplementedError
+
+    def _error(self, exc: ClientError) -> list[Event]:
+        """Answer a client mistake (and close if it is fatal)."""
+        raise NotImplementedError
+
+    def _line(self, end: int) -> list[Event]:
+        """Take the line that ends at ``_buf[end]`` (a LF) and answer it."""
+        line = bytes(self._buf[:end]).removesuffix(b"\r")
+        del self._buf[: end + 1]
+        try:
+            if self.state is State.SASL:
+                return self._sasl_response(line)
+            return self._command(line)
+        except ClientError as exc:
+            return self._error(exc)
+
+    def _reply_line(self, reply: str) -> bytes:
+        """The line that carries the reply to the pending command."""
+        raise NotImplementedError
+
+    def _welcome(self, capabilities: str | None) -> bytes:
+        """The reply to a successful login."""
+        raise NotImplementedError
+
+    def _sasl_response(self, line: bytes) -> list[Event]:
+        self.state = State.COMMAND
+        if line.strip() == b"*":
+            raise ClientError(self.CANCELLED)
+        return self._plain(line)
+
+    def _plain(self, raw: bytes) -> list[Event]:
+        try:
+            creds = decode_plain(raw)
+        except SaslError as exc:
+            raise ClientError(f"{self.ERROR} Invalid PLAIN response: {exc}") from None
+        if creds.authzid and creds.authzid != creds.username:
+            raise ClientError(self.AUTHZID_REFUSED)
+        return self._login(creds.username, creds.password, "PLAIN")
+
+    def _login(self, user: str, password: str, mechanism: str) -> list[Event]:
+        self.state = State.LOGIN
+        return [LoginRequest(user, password, mechanism)]
+
+    def _expect_login(self) -> None:
+        if self.state is not State.LOGIN:
+            raise RuntimeError(f"no login pending (state {self.state.name})")
+
+    def _close(self, text: str, reason: str) -> list[Event]:
+        self.state = State.CLOSED
+        self._buf.clear()
+        events: list[Event] = [Send(text.encode())] if text else []
+        return [*events, Close(reason)]

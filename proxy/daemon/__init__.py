@@ -1,0 +1,2 @@
+"""The daemon: listeners and shutdown (``server``), the status socket (``control``) and the
+notification hooks (``notify``)."""
