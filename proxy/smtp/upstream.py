@@ -26,6 +26,7 @@ from ..core.sasl import (
 )
 from ..login import Refusal, UpstreamError, UpstreamRejection
 from ..net import client_tls_context, describe_error
+from .data import SinkGone
 from .wire import Channel, ReplyError
 
 log = logging.getLogger("mailproxy.smtp")
@@ -38,7 +39,7 @@ DATA_BLOCK_TIMEOUT = 180.0
 LOCAL_HOSTNAME = "localhost"
 
 
-class UpstreamGone(Exception):
+class UpstreamGone(SinkGone):
     """The upstream connection broke (closed, reset, timed out, 421) while relaying."""
 
 
