@@ -3,7 +3,8 @@ aiosmtplib, then MAIL/RCPT/DATA through a ``wire.Channel`` (pipelined MAIL+RCPT,
 streamed), with the server's replies handed back unchanged.
 
 Implements ``login.Upstream``. Every way the connection can fail while relaying becomes
-``UpstreamGone``, so the front knows the server never confirmed what was in flight.
+``UpstreamGone`` (a ``data.SinkGone``), so the relay knows the server never confirmed what was
+in flight.
 """
 
 from __future__ import annotations
