@@ -1,5 +1,5 @@
 """SMTP submission relay: aiosmtpd locally, aiosmtplib upstream with XOAUTH2/OAUTHBEARER."""
 
-from .front import SmtpService
+from .service import SmtpService
 
 __all__ = ["SmtpService"]

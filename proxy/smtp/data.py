@@ -1,4 +1,5 @@
-"""The message after DATA, streamed: the client's bytes go upstream as they arrive.
+"""The message after DATA, streamed: the front reads the client's bytes with ``pump`` and
+they go to a ``Sink`` (the upstream, later the queue's spool) as they arrive.
 
 The client's bytes are already dot-stuffed and end with ``CRLF . CRLF``, which is exactly what
 the upstream wants, so nothing is un-stuffed, re-stuffed or split into lines: ``EndOfData``
@@ -12,8 +13,6 @@ import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
-
-from .upstream import UpstreamGone
 
 END_MARK = b"\r\n.\r\n"
 # Large reads keep the per-byte work in C (find, TLS, the socket calls). Measured with 1 MB
@@ -49,8 +48,14 @@ class EndOfData:
         return -1
 
 
+class SinkGone(Exception):
+    """The sink cannot take the rest of the message (connection lost, disk full), and what
+    it took is not confirmed. ``upstream.UpstreamGone`` is one."""
+
+
 class Sink(Protocol):
-    """Where the message goes (``SmtpUpstreamSession``); both raise ``UpstreamGone``."""
+    """Where the message goes (``SmtpUpstreamSession``, or a queue's spool file); ``send``
+    and ``drain`` raise ``SinkGone`` when it breaks. Called once per chunk: keep them thin."""
 
     def send(self, data: bytes) -> bool:
         """Write ``data``; True when the writer is congested and ``drain`` must be awaited."""
@@ -59,10 +64,10 @@ class Sink(Protocol):
 
 
 class Outcome(enum.Enum):
-    SENT = "sent"  # the whole message, end marker included, went upstream
+    SENT = "sent"  # the whole message, end marker included, went into the sink
     TOO_BIG = "too big"  # over the size limit: the rest was read and thrown away
-    UPSTREAM_LOST = "upstream lost"  # the upstream broke: the rest was read and thrown away
-    REFUSED = "refused"  # the upstream refused DATA: nothing was sent, the rest thrown away
+    UPSTREAM_LOST = "upstream lost"  # the sink broke (SinkGone): the rest was read and dropped
+    REFUSED = "refused"  # the go-ahead said no: nothing was sent, the rest thrown away
     CLIENT_GONE = "client gone"  # EOF before the end marker
 
 
@@ -70,12 +75,17 @@ class Outcome(enum.Enum):
 class Result:
     outcome: Outcome
     size: int  # the message as the client sent it (dot-stuffed), without the final ".\r\n"
-    error: str = ""  # why the upstream was lost
+    error: str = ""  # why the sink was lost (its SinkGone)
 
 
 def unread(reader: asyncio.StreamReader, data: bytes) -> None:
-    """Give back bytes read past the end marker: the client's next command(s)."""
-    # StreamReader has no public way to push back; aiosmtpd itself reaches into _buffer.
+    """Give back bytes read past the end marker: the client's next command(s).
+
+    The only write into a library object's private state in proxy/smtp: StreamReader has no
+    public way to push back (``feed_data`` appends, behind bytes still buffered), and
+    aiosmtpd itself reaches into ``_buffer`` (it clears it after STARTTLS). Reading no further
+    than the marker instead would mean small reads or a search of the whole buffer per read.
+    """
     reader._buffer[0:0] = data  # type: ignore[attr-defined]
 
 
@@ -84,11 +94,12 @@ async def pump(reader: asyncio.StreamReader, sink: Sink, limit: int | None,
                go_ahead: Callable[[], Awaitable[bool]] | None = None) -> Result:
     """Read the client's message up to its end marker and write it to ``sink`` unchanged.
 
-    Past ``limit`` (or when the sink breaks) nothing more is written, and in particular never
-    the end marker, but the client is still read to the end of its message so that the reply
-    reaches a client that is listening again. ``on_progress`` runs for every chunk (the idle
-    timer: a large upload is not idleness). ``go_ahead``, if given, is awaited before the
-    first byte is written (the sink's 354): False means the sink refused the message.
+    Past ``limit`` (or when the sink breaks: ``SinkGone``, also from ``go_ahead``) nothing
+    more is written, and in particular never the end marker, but the client is still read to
+    the end of its message so that the reply reaches a client that is listening again.
+    ``on_progress`` runs for every chunk (the idle timer: a large upload is not idleness).
+    ``go_ahead``, if given, is awaited before the first byte is written (the sink's 354):
+    False means the sink refused the message.
     """
     scanner = EndOfData()
     total = 0
@@ -120,7 +131,7 @@ async def pump(reader: asyncio.StreamReader, sink: Sink, limit: int | None,
                             outcome = Outcome.REFUSED
                     if outcome is Outcome.SENT and sink.send(chunk):
                         await sink.drain()
-                except UpstreamGone as exc:
+                except SinkGone as exc:
                     outcome, error = Outcome.UPSTREAM_LOST, str(exc)
         if end >= 0:
             return Result(outcome, total - 3, error)

@@ -1,8 +1,9 @@
-"""The local SMTP side: aiosmtpd on the daemon's own event loop, relaying one to one.
+"""The local SMTP side: aiosmtpd on the daemon's own event loop, and all client I/O.
 
 ``SmtpFront`` (an aiosmtpd ``SMTP`` per connection) does AUTH PLAIN/LOGIN itself so the login
-can await the gate, and replaces aiosmtpd's DATA with a streamed one; ``Relay`` (its handler,
-relay.py) owns the upstream session and answers with the upstream's own replies.
+can await the gate, answers MAIL, RCPT, RSET and QUIT with what the session's
+``transaction.Transaction`` replies, and replaces aiosmtpd's DATA with a streamed one: it
+reads the message (``data.pump``) into the transaction's sink and writes every reply itself.
 """
 
 from __future__ import annotations
@@ -12,17 +13,20 @@ import base64
 import binascii
 import logging
 import re
-import socket
+from collections.abc import Callable
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from .. import __version__
-from ..config import Settings
+from ..config import Account, Settings
 from ..login import Gate, Refusal
-from .relay import Relay
-from .replies import add_enhanced_codes, refusal_reply
-from .upstream import SmtpUpstreamSession
+from .data import Outcome, pump
+from .replies import Reply, add_enhanced_codes, format_reply, refusal_reply
+from .transaction import OpenTransaction, Transaction
+from .upstream import DATA_END_TIMEOUT, SmtpUpstreamSession
+
+log = logging.getLogger("mailproxy.smtp")
 
 # Without a configured limit and before any upstream told us its SIZE.
 DEFAULT_SIZE = 35 * 1024 * 1024
@@ -49,25 +53,57 @@ class _Session(Session):
         self._login_data = value
 
 
+class SizeHint:
+    """The SIZE advertised before login, when the account (and its server) is not known yet:
+    the last one an upstream announced. Shared by the fronts of one listener."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def learn(self, size: int | None) -> None:
+        if size:
+            self.size = size
+
+
 class SmtpFront(SMTP):
-    """aiosmtpd's SMTP with our AUTH (awaiting the gate) and RFC 2034 reply codes."""
+    """aiosmtpd's SMTP with our AUTH (awaiting the gate), streamed DATA and RFC 2034 codes.
+
+    aiosmtpd leaves no public way for some of this, so this module (and, for pushing bytes
+    back into the client stream, ``data.unread``) alone uses its internals: ``_reader`` (the
+    client stream, read by DATA), the idle timer (``_reset_timeout``, ``_timeout_cb``,
+    ``_timeout_handle``, ``_timeout_duration``), ``_auth_required``, ``_getaddr``,
+    ``_create_session``, ``_handler_coroutine`` and ``Session._login_data``.
+    """
 
     AuthLoginUsernameChallenge = "Username:"
     AuthLoginPasswordChallenge = "Password:"
 
-    def __init__(self, relay: Relay, settings: Settings, hostname: str) -> None:
+    def __init__(self, settings: Settings, hostname: str, gate: Gate,
+                 open_transaction: OpenTransaction, size_hint: SizeHint,
+                 on_lost: Callable[[SmtpFront], None]) -> None:
         super().__init__(
-            relay, hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
+            _Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
             data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
             timeout=settings.smtp.idle_timeout, auth_require_tls=False,
             loop=asyncio.get_running_loop())
         # Set after __init__: passing auth_required with auth_require_tls=False makes
         # aiosmtpd warn on every connection. The listener is meant for loopback.
         self._auth_required = True
-        self.relay = relay
         self.settings = settings
+        self.gate = gate
+        self.open_transaction = open_transaction
+        self.size_hint = size_hint
+        self.on_lost = on_lost
+        self.account: Account | None = None
+        # Where this session's mail goes, once logged in.
+        self.transaction: Transaction | None = None
         self._verbatim = False
         self._deadline = 0.0  # of the idle timer, see _reset_timeout
+
+    @property
+    def session_task(self) -> asyncio.Task[None] | None:
+        """The task that runs this connection's dialogue (aiosmtpd's)."""
+        return self._handler_coroutine
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
@@ -83,7 +119,7 @@ class SmtpFront(SMTP):
     def size_to_advertise(self) -> int:
         if self.data_size_limit:
             return self.data_size_limit
-        return self.settings.smtp.max_message_size or self.relay.service.size_hint or DEFAULT_SIZE
+        return self.settings.smtp.max_message_size or self.size_hint.size or DEFAULT_SIZE
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and re-creates a timer for every command (and we did per chunk):
@@ -126,17 +162,70 @@ class SmtpFront(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
-        reply = await self.relay.data(self)
+        reply = await self._data()
         if reply is None:
             if self.transport is not None:
                 self.transport.close()
             return
         await self.push(reply)
 
+    async def _data(self) -> Reply | None:
+        """DATA: the message read and streamed into the transaction; the reply for the
+        client, or None when it went away in the middle of the message (nobody to answer)."""
+        transaction = self.transaction
+        assert transaction is not None and self.account is not None
+        start = await transaction.data()
+        if start.sink is None:
+            if start.ended:
+                self.end_transaction()
+            return start.reply
+        await self.push(start.reply)
+        try:
+            result = await pump(self._reader, start.sink, self.data_size_limit,
+                                self._reset_timeout, start.ready)
+            if result.outcome is Outcome.SENT:
+                # The client is waiting for this reply, not idle (RFC 5321 4.5.3.2.6).
+                self._reset_timeout(DATA_END_TIMEOUT + 60)
+                reply = await transaction.finish(result.size)
+        except BaseException:
+            # Cancelled because the client went away, or a bug. Unless the end marker was
+            # sent already, the transaction drops the partial message; and a client stopped
+            # in the middle of its message cannot be resynchronised (its next lines would be
+            # read as commands).
+            transaction.abort()
+            if self.transport is not None:
+                self.transport.close()
+            raise
+        finally:
+            self.end_transaction()
+        if self.transport is not None:
+            self._reset_timeout()
+        if result.outcome is Outcome.SENT:
+            return reply
+        if result.outcome is Outcome.UPSTREAM_LOST:
+            return transaction.failed(result.error)
+        if result.outcome is Outcome.REFUSED:
+            return await transaction.refused()
+        transaction.abort()
+        if result.outcome is Outcome.CLIENT_GONE:
+            log.info("smtp: the client of %s went away in the middle of a message",
+                     self.account.address)
+            return None
+        log.info("smtp: message from %s refused: over the size limit of %s bytes",
+                 self.account.address, self.data_size_limit)
+        return format_reply(552, f"message exceeds the size limit of {self.data_size_limit} "
+                            "bytes; nothing was sent", "5.3.4")
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("smtp session error: %s", error, exc_info=error)
+        # Never anything that could read as success: the client keeps the message and retries.
+        return "451 4.3.0 Internal error in mailproxy; please try again"
+
     def connection_lost(self, error: Exception | None) -> None:
         super().connection_lost(error)
-        self.relay.close()
-        self.relay.service.fronts.discard(self)
+        if self.transaction is not None:
+            self.transaction.close()
+        self.on_lost(self)
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
@@ -224,53 +313,72 @@ class SmtpFront(SMTP):
             await self.push("501 5.5.2 User name and password must be UTF-8")
             return AuthResult(success=False, handled=True)
         try:
-            account, upstream = await self.relay.gate.log_in(
+            account, upstream = await self.gate.log_in(
                 "smtp", user, password, SmtpUpstreamSession)
         except Refusal as refusal:
             await self.push(refusal_reply(refusal))
             return AuthResult(success=False, handled=True)
         assert isinstance(upstream, SmtpUpstreamSession)
-        self.relay.attach(account, upstream)
+        self.account = account
+        self.transaction = self.open_transaction(account, upstream)
+        self.size_hint.learn(upstream.size_limit)
         self.data_size_limit = (self.settings.smtp.max_message_size or upstream.size_limit
                                 or DEFAULT_SIZE)
         return AuthResult(success=True, handled=False,
                           message="235 2.7.0 Authentication successful")
 
 
-class SmtpService:
-    """The SMTP listener of the daemon and the connections it has open."""
+class _Hooks:
+    """aiosmtpd's handler: its hooks answer through the front that calls them (``server``)
+    and its transaction; aiosmtpd writes the reply returned."""
 
-    def __init__(self, gate: Gate, settings: Settings) -> None:
-        self.gate = gate
-        self.settings = settings
-        self.hostname = socket.gethostname() or "localhost"
-        self.fronts: set[SmtpFront] = set()
-        self.size_hint = 0
+    async def handle_EHLO(self, server: SmtpFront, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if server.transaction is not None:
+            await server.transaction.abandon()  # EHLO resets the transaction (RFC 5321 4.1.4)
+        keywords = [r[4:] for r in responses[1:]]
+        # STARTTLS stays when aiosmtpd offers it (with a tls_context, none so far).
+        keep = [k for k in keywords if k.split(" ")[0] not in ("SIZE", "HELP")]
+        lines = [responses[0], f"250-SIZE {server.size_to_advertise()}", *keep,
+                 "250-ENHANCEDSTATUSCODES"]
+        lines = [line if line.startswith("250-") else f"250-{line}" for line in lines]
+        lines[-1] = "250 " + lines[-1][4:]
+        return lines
 
-    def learn_size(self, size: int | None) -> None:
-        # Advertised before login, when the account (and its server) is not known yet.
-        if size:
-            self.size_hint = size
+    async def handle_MAIL(self, server: SmtpFront, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        if server.transaction is None:
+            return "530 5.7.0 Authentication required"
+        reply = await server.transaction.mail(address, options)
+        if reply.code == 250:
+            envelope.mail_from = address
+            envelope.mail_options.extend(options)
+        return reply
 
-    def _make(self) -> SmtpFront:
-        front = SmtpFront(Relay(self), self.settings, self.hostname)
-        self.fronts.add(front)
-        return front
+    async def handle_RCPT(self, server: SmtpFront, session: Session, envelope: Envelope,
+                          address: str, options: list[str]) -> str:
+        assert server.transaction is not None
+        reply = await server.transaction.rcpt(address, options)
+        if reply.code in (250, 251):
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(options)
+        return reply
 
-    async def start(self, host: str, port: int, backlog: int) -> asyncio.Server:
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(self._make, host, port, backlog=backlog,
-                                        reuse_address=True)
+    async def handle_RSET(self, server: SmtpFront, session: Session, envelope: Envelope) -> str:
+        if server.transaction is None:
+            return "250 2.0.0 OK"
+        return await server.transaction.reset()
 
-    async def drain(self, grace: float) -> None:
-        """Let sessions in progress finish for ``grace`` seconds, then cut them off."""
-        tasks = {f._handler_coroutine for f in self.fronts if f._handler_coroutine is not None}
-        pending: set[asyncio.Task[None]] = set()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
-        for front in list(self.fronts):
-            if front.transport is not None:
-                front.transport.close()
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+    async def handle_NOOP(self, server: SmtpFront, session: Session, envelope: Envelope,
+                          arg: str) -> str:
+        return "250 2.0.0 OK"
+
+    async def handle_QUIT(self, server: SmtpFront, session: Session, envelope: Envelope) -> str:
+        if server.transaction is not None:
+            await server.transaction.quit()
+        return "221 2.0.0 Bye"
+
+    async def handle_VRFY(self, server: SmtpFront, session: Session, envelope: Envelope,
+                          address: str) -> str:
+        return "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"

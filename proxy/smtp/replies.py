@@ -1,6 +1,5 @@
-"""SMTP reply texts: upstream replies passed through, login refusals, enhanced status codes.
-
-Pure functions (no I/O), so the reply mapping is tested on its own.
+"""SMTP reply texts: the ``Reply`` type, upstream replies passed through, login refusals,
+enhanced status codes. Pure functions (no I/O), so the reply mapping is tested on its own.
 """
 
 from __future__ import annotations
@@ -28,6 +27,17 @@ MICROSOFT_SMTP_AUTH_DISABLED = (
     "-SmtpClientAuthenticationDisabled $false) and must not have it disabled for the tenant "
     "(Set-TransportConfig -SmtpClientAuthenticationDisabled $false)."
 )
+
+
+class Reply(str):
+    """A complete reply as the client gets it (lines joined by CRLF, without the final CRLF),
+    which knows its code. What every ``transaction.Transaction`` answers with."""
+
+    __slots__ = ()
+
+    @property
+    def code(self) -> int:
+        return int(self[:3])
 
 
 def enhanced_default(code: int) -> str:
@@ -68,7 +78,7 @@ def _wrap(text: str) -> list[str]:
     return lines or [""]
 
 
-def format_reply(code: int, text: str, enhanced: str | None = None) -> str:
+def format_reply(code: int, text: str, enhanced: str | None = None) -> Reply:
     """A reply of one or more lines (``250-...`` then ``250 ...``) without the final CRLF.
 
     ``text`` may hold several lines separated by "\\n" (aiosmtplib joins a multi-line reply
@@ -82,10 +92,10 @@ def format_reply(code: int, text: str, enhanced: str | None = None) -> str:
         if enhanced and not _ENHANCED.match(line):
             line = f"{enhanced} {line}".rstrip()
         out.append(f"{code}{sep}{line}".rstrip())
-    return add_enhanced_codes("\r\n".join(out))
+    return Reply(add_enhanced_codes("\r\n".join(out)))
 
 
-def refusal_reply(refusal: Refusal) -> str:
+def refusal_reply(refusal: Refusal) -> Reply:
     """A failed login as an SMTP reply: 454 when worth retrying, 535 when a person must act."""
     text = " ".join(refusal.text.split())
     if refusal.kind == "unavailable":

@@ -3,7 +3,8 @@ aiosmtplib, then MAIL/RCPT/DATA through a ``wire.Channel`` (pipelined MAIL+RCPT,
 streamed), with the server's replies handed back unchanged.
 
 Implements ``login.Upstream``. Every way the connection can fail while relaying becomes
-``UpstreamGone``, so the front knows the server never confirmed what was in flight.
+``UpstreamGone`` (a ``data.SinkGone``), so the relay knows the server never confirmed what was
+in flight.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..core.sasl import (
 )
 from ..login import Refusal, UpstreamError, UpstreamRejection
 from ..net import client_tls_context, describe_error
+from .data import SinkGone
 from .wire import Channel, ReplyError
 
 log = logging.getLogger("mailproxy.smtp")
@@ -38,7 +40,7 @@ DATA_BLOCK_TIMEOUT = 180.0
 LOCAL_HOSTNAME = "localhost"
 
 
-class UpstreamGone(Exception):
+class UpstreamGone(SinkGone):
     """The upstream connection broke (closed, reset, timed out, 421) while relaying."""
 
 
