@@ -26,7 +26,7 @@ from .config import Account, ConfigError, Settings, load_config
 
 if TYPE_CHECKING:
     from .tokens.store import TokenState
-    from .tokens.vault import Vault
+    from .vault import Vault
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -179,7 +179,7 @@ def _need(value: str | None) -> str:
 
 def _vault(settings: Settings) -> Vault:
     from .tokens.keys import MasterKeyError, load_master_key
-    from .tokens.vault import Vault
+    from .vault import Vault
 
     master = None
     if settings.vault.master_key:
@@ -224,7 +224,7 @@ def _run(settings: Settings, defaults: bool) -> int:
 
 
 def _password(settings: Settings, account: Account, args: argparse.Namespace) -> int:
-    from .tokens.vault import VaultError
+    from .vault import VaultError
 
     vault = _vault(settings)
     key, address = account.key, account.address
@@ -476,7 +476,7 @@ def _status(settings: Settings, *, as_json: bool) -> int:
 
 
 def _disk_status(settings: Settings, account: Account) -> dict[str, Any]:
-    from .tokens.vault import Vault
+    from .vault import Vault
 
     vault = Vault(settings.state_dir)
     key = account.key
