@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 from .config import Account, Settings
 from .tokens.errors import AuthorizationRequired, TokenError
 from .tokens.manager import AccessToken, TokenManager
-from .tokens.vault import Vault
+from .vault import Vault
 
 log = logging.getLogger("mailproxy.login")
 

@@ -16,7 +16,7 @@ from ..login import Gate, authorize_hint
 from ..net import Conn
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
-from ..tokens.vault import Vault, VaultError
+from ..vault import Vault, VaultError
 from .control import ControlServer
 from .notify import Event, EventName, Notifier, event_key
 

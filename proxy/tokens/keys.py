@@ -1,7 +1,7 @@
 """Key material for the vault: AES-GCM sealing, password and master-key slot keys, and where a
 master key comes from (systemd credential, key file, environment variable, OS keyring).
 
-Pure functions over bytes; the vault file format lives in ``vault.py``.
+Pure functions over bytes; the vault file format lives in ``proxy.vault.format``.
 """
 
 from __future__ import annotations

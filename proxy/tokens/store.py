@@ -2,8 +2,8 @@
 
 The daemon and the CLI (``mailproxy token import``) may write the same account at the same time:
 read-modify-write goes through ``update`` under an flock, and ``changed`` lets the daemon notice a
-write by another process. A later issue puts an encrypted vault behind the same ``TokenStore``.
-The file helpers here are shared with ``proxy.passwords``.
+write by another process. The encrypted vault (``proxy.vault``) is the same kind of
+``TokenStore`` and shares the file helpers here; this plain store is what it migrates from.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 from proxy.config import VaultSettings
 from proxy.tokens.store import TokenState
-from proxy.tokens.vault import Vault
+from proxy.vault import Vault
 from tests.support.dovecot import Dovecot
 from tests.support.imapclient import RawImap, tagged_status
 from tests.support.proxyrun import LOCAL_PASSWORD, ProxyHarness

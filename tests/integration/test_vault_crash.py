@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from proxy.tokens.store import TokenState
-from proxy.tokens.vault import Vault
+from proxy.vault import Vault
 from tests.support.clirun import ROOT
 from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
 

@@ -19,7 +19,7 @@ from proxy.config import (
 )
 from proxy.daemon.server import Daemon
 from proxy.tokens.store import TokenState
-from proxy.tokens.vault import Vault
+from proxy.vault import Vault
 from tests.support.dovecot import Dovecot
 from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
 

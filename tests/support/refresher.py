@@ -10,7 +10,7 @@ from pathlib import Path
 
 from proxy.config import Account, TokenSettings
 from proxy.tokens.manager import TokenManager
-from proxy.tokens.vault import Vault
+from proxy.vault import Vault
 from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET
 
 

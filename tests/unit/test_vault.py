@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from proxy.passwords import hash_password
 from proxy.tokens.keys import MasterKeyError, load_master_key
 from proxy.tokens.store import FileTokenStore, TokenState, atomic_write, ensure_private_dir
-from proxy.tokens.vault import Vault, VaultError, VaultLocked
+from proxy.vault import Vault, VaultError, VaultLocked
+from proxy.vault.migrate import hash_password
 
 KEY = "alice@example.com"
 RT = "refresh-token-0123456789-abcdefghij"

@@ -1,0 +1,7 @@
+"""``python -m proxy.cli`` is ``mailproxy`` too (as ``python -m proxy``)."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,112 @@
+"""``mailproxy authorize``: sign an account in with its flow, then store the grant in its vault
+under the local password clients will log in with."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import secrets
+import sys
+import threading
+import time
+import webbrowser
+from collections.abc import Iterator
+from typing import Any
+
+from ..config import Account, Settings
+from ..tokens import flows
+from ..tokens.store import ensure_private_dir, safe_name
+from .common import EXIT_OK, EXIT_USAGE, CliError, need, open_vault, read, store_grant
+
+
+class _Console:
+    """What the flows need from a person: messages on stderr, lines from stdin, a browser."""
+
+    def __init__(self, browser: bool) -> None:
+        self.browser = browser
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def ask(self, prompt: str) -> str:
+        if sys.stdin.isatty():
+            return input(prompt)
+        print(prompt, file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\r\n")
+
+    def open_browser(self, url: str) -> bool:
+        if not self.browser:
+            return False
+        # In a thread: webbrowser waits for some browsers to exit ($BROWSER, text browsers),
+        # which would stall the loopback listener that has to answer that very browser.
+        result: list[bool] = []
+
+        def launch() -> None:
+            try:
+                result.append(webbrowser.open(url))
+            except webbrowser.Error:
+                result.append(False)
+
+        thread = threading.Thread(target=launch, name="browser", daemon=True)
+        thread.start()
+        thread.join(2.0)
+        return result[0] if result else True  # still running: a browser is up
+
+
+@contextlib.contextmanager
+def _one_authorization(settings: Settings, account: Account) -> Iterator[None]:
+    """Only one ``authorize`` per account at a time: two would race for the same grant."""
+    directory = settings.state_dir / "vault"
+    ensure_private_dir(directory)
+    path = directory / safe_name(account.key, ".authorize")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+            raise CliError(f"another `mailproxy authorize {account.address}` is already "
+                           f"running (pid {holder}); finish or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def authorize(settings: Settings, account: Account, args: argparse.Namespace) -> int:
+    vault = open_vault(settings)
+    with _one_authorization(settings, account):
+        try:
+            grant = await flows.authorize(account, _Console(browser=not args.no_browser),
+                                          manual=args.manual, timeout=args.timeout,
+                                          request_timeout=settings.tokens.request_timeout)
+        except flows.FlowError as exc:
+            raise CliError(str(exc)) from None
+        except EOFError:
+            raise CliError("no input: nothing was authorized", EXIT_USAGE) from None
+        if args.generate_password:
+            password = secrets.token_urlsafe(18)
+        else:
+            password = need(read(f"Local password for {account.address} (clients log in "
+                                 "with it): ", confirm=True))
+        now = time.time()
+        fields: dict[str, Any] = {
+            "access_token": grant.access_token, "expires_at": grant.expires_at,
+            "needs_authorization": None, "last_error": None, "authorized_at": now,
+            "last_refresh": now if grant.access_token else None}
+        if account.flow in ("authorization_code", "device_code"):
+            fields["refresh_token"] = grant.refresh_token
+        store_grant(vault, account, password, fields)
+    print(f"{account.address} is authorized", end="")
+    if grant.expires_at:
+        print(f"; access token valid for {max(0, int(grant.expires_at - now))} s", end="")
+    print()
+    if args.generate_password:
+        print(f"local password for {account.address} (shown once): {password}")
+    return EXIT_OK

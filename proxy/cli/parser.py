@@ -1,0 +1,81 @@
+"""The command line's arguments and every ``--help`` text, built without importing any
+command's code (so ``--help`` and a usage error stay quick)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", metavar="PATH",
+                        help="configuration file (default: $MAILPROXY_CONFIG, else the "
+                             "platform's config directory, e.g. ~/.config/mailproxy/config.toml)")
+    parser = argparse.ArgumentParser(
+        prog="mailproxy", parents=[config],
+        description="Local IMAP/POP3/SMTP proxy that logs password-only mail clients in to "
+                    "Gmail and Microsoft 365 with OAuth2.")
+    parser.add_argument("--version", action="version", version=f"mailproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", parents=[config], help="run the proxy in the foreground",
+                   description="Start the listeners and the background token refresher. "
+                               "Stops cleanly on SIGTERM or SIGINT.")
+
+    auth = sub.add_parser(
+        "authorize", parents=[config], help="sign an account in and set its local password",
+        description="Sign ACCOUNT in with the flow its configuration names (browser with a "
+                    "loopback redirect, device code, client credentials or service account), "
+                    "store the tokens in its encrypted vault and set the local password clients "
+                    "log in with. Without a terminal, lines are read from standard input: the "
+                    "redirected address (with --manual), then the local password.")
+    auth.add_argument("account", metavar="ACCOUNT", help="the account's address")
+    auth.add_argument("--manual", action="store_true",
+                      help="headless: open the printed address anywhere and paste back the "
+                           "address the browser was sent to")
+    auth.add_argument("--no-browser", action="store_true",
+                      help="do not try to open a browser on this machine")
+    auth.add_argument("--generate-password", action="store_true",
+                      help="make a random local password and print it once")
+    auth.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
+                      help="how long to wait for the sign-in (default 300)")
+
+    password = sub.add_parser(
+        "password", parents=[config], help="manage local passwords",
+        description="Local passwords are what clients log in with; each one opens the "
+                    "account's token vault. Without a terminal, passwords are read from "
+                    "standard input, one per line: the new one first, then (when the vault "
+                    "must be opened and there is no master key) a current one.")
+    psub = password.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pset = psub.add_parser("set", parents=[config], help="make this the only local password")
+    padd = psub.add_parser("add", parents=[config],
+                           help="add another local password (one per client or device)")
+    padd.add_argument("--label", help="a name for it, e.g. the device (default: password-N)")
+    prm = psub.add_parser("remove", parents=[config], help="remove one local password")
+    plist = psub.add_parser("list", parents=[config], help="list an account's local passwords")
+    for p in (pset, padd, prm, plist):
+        p.add_argument("account", metavar="ACCOUNT", help="the account's address")
+    prm.add_argument("label", metavar="LABEL", help="the label (or id) shown by `password list`")
+
+    token = sub.add_parser("token", parents=[config], help="manage OAuth2 tokens",
+                           description="Manage the tokens mailproxy keeps for each account.")
+    tsub = token.add_subparsers(dest="action", required=True, metavar="ACTION")
+    timport = tsub.add_parser(
+        "import", parents=[config], help="import an existing refresh token",
+        description="Store a refresh token obtained elsewhere for ACCOUNT. Without a terminal "
+                    "it is read from the first line of standard input, and the account's local "
+                    "password from the second (to open its vault, or to create it). The token "
+                    "is then tried once against the token endpoint.")
+    timport.add_argument("account", metavar="ACCOUNT", help="the account's address")
+    timport.add_argument("--no-verify", action="store_true",
+                         help="store the token without trying it")
+
+    status = sub.add_parser(
+        "status", parents=[config], help="show each account's token state",
+        description="Authorized or not and why, locked or open, access token expiry, last and "
+                    "next refresh, last error, notifications sent. Asks the running daemon; "
+                    "without one, reads the state on disk.")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
