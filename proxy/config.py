@@ -2,6 +2,9 @@
 
 ``load_config`` is the only entry point; it turns every problem into a ``ConfigError`` whose
 message names the file, the key and what is wrong, so the CLI can print it and exit 2.
+
+long: one schema read top to bottom (listeners, accounts, tokens, vault, notify); it is split
+by section once the TLS, queue, admin and metrics sections have landed.
 """
 
 from __future__ import annotations
