@@ -1,20 +1,30 @@
-FROM python:3.11-slim
+# mailproxy in a container: non-root, state in a volume, read-only root file system.
+# The base is a build argument so the image also builds from a locally made Debian base
+# (CI: mmdebstrap + podman import, no registry needed).
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
-RUN useradd --system --uid 10001 --home-dir /var/lib/mailproxy --create-home mailproxy \
+# A virtual environment: Debian's python3 refuses a system-wide pip install (PEP 668).
+RUN python3 -m venv /opt/mailproxy \
+    && useradd --system --uid 10001 --home-dir /var/lib/mailproxy --create-home mailproxy \
     && chmod 0700 /var/lib/mailproxy
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY proxy ./proxy
-RUN pip install --no-cache-dir . && rm -rf /src
+RUN /opt/mailproxy/bin/pip install --no-cache-dir --disable-pip-version-check . \
+    && rm -rf /src
 
 USER mailproxy
-ENV MAILPROXY_STATE_DIR=/var/lib/mailproxy \
+WORKDIR /var/lib/mailproxy
+ENV PATH=/opt/mailproxy/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MAILPROXY_STATE_DIR=/var/lib/mailproxy \
     MAILPROXY_CONFIG=/etc/mailproxy/config.toml \
     MAILPROXY_IMAP__LISTEN=0.0.0.0:1143 \
     MAILPROXY_POP3__LISTEN=0.0.0.0:1110 \
     MAILPROXY_SMTP__LISTEN=0.0.0.0:1587
 VOLUME ["/var/lib/mailproxy"]
-EXPOSE 1143 1110 1587
-# Publish the ports on the host's loopback only: docker run -p 127.0.0.1:1143:1143 ...
+EXPOSE 1143 1110 1587 1993 1995 1465
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s CMD ["mailproxy", "health"]
 ENTRYPOINT ["mailproxy"]
 CMD ["run"]
