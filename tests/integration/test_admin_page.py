@@ -145,6 +145,7 @@ def test_sign_in_from_the_page_then_imap_with_its_passwords(
         page.find_element(By.XPATH, "//button[text()='Add password']").click()
         phone = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, "code.secret"))[0].text
         assert phone != generated
+        page.save_screenshot(str(tmp_path / "account.png"))
         labels = [td.text for td in page.find_elements(
             By.CSS_SELECTOR, "table.passwords tbody td:first-child")]
         assert labels == ["default", "phone"]
@@ -195,8 +196,10 @@ def test_device_code_on_the_page_and_what_is_refused(
         first = counter.text
         wait_for(lambda: counter.text != first, 5)  # counts down
         time.sleep(1.0)  # the page polls meanwhile
+        page.save_screenshot(str(tmp_path / "device-waiting.png"))
         authority.approve_device(code, mail_user)
         state = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, ".device.state-approved"))
+        page.save_screenshot(str(tmp_path / "device-approved.png"))
         assert "✓ Approved" in state[0].text and f"{mail_user} is authorized" in state[0].text
         assert any(p[1] == "authorization_pending" for p in authority.device_polls)
         assert imap_login(listen_port(config), mail_user, "device pw") == "OK"
@@ -224,3 +227,32 @@ def test_device_code_on_the_page_and_what_is_refused(
         assert imap_login(listen_port(config), mail_user, "evil pw").startswith("NO")
         # With the session cookie the same page is readable.
         assert mail_user in httpx.get(base + "/rows", cookies=jar).text
+
+
+def test_client_credentials_test_button(tmp_path: Path, token_server: TokenServer,
+                                        dovecot: Dovecot, mail_user: str, page: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    port = free_port()
+    app_user = f"app-{mail_user}"
+    token_server.authority.register_client("cc-admin-client", "cc-admin-secret",
+                                           app_only_user=app_user)
+    config = write_config(
+        tmp_path, token_server, dovecot, mail_user, admin=f"127.0.0.1:{port}",
+        account=f'\n[[accounts]]\naddress = "{app_user}"\nprovider = "custom"\n'
+                f'client_id = "cc-admin-client"\nclient_secret = "cc-admin-secret"\n'
+                f'flow = "client_credentials"\ntoken_url = "{token_server.token_url}"\n'
+                f'scopes = ["mail"]\nimap_server = "{dovecot.host}:{dovecot.imaps_port}"\n'
+                f'imap_tls = "implicit"\nca_file = "{dovecot.ca_file}"\n')
+    with daemon(config, port, tmp_path / "daemon.log"):
+        page.get(sign_in_link(config))
+        row = page.find_element(By.CSS_SELECTOR, f'tr[data-account="{app_user}"]')
+        assert "client credentials" in row.text
+        row.find_element(By.LINK_TEXT, "Test…").click()
+        page.find_element(By.ID, "pw").send_keys("app pw")
+        page.find_element(By.CSS_SELECTOR, "#signin button[type=submit]").click()
+        banner = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, ".banner.ok"))[0]
+        assert f"{app_user} is authorized; access token valid for" in banner.text
+        assert not page.find_elements(By.CSS_SELECTOR, "code.secret")  # typed, not generated
+        assert imap_login(listen_port(config), app_user, "app pw") == "OK"
+        assert token_server.authority.requests_for("client_credentials")

@@ -15,7 +15,6 @@ from proxy.admin.model import (
     AccountView,
     AdminError,
     DeviceCodeView,
-    Flow,
     PasswordNeed,
     PasswordView,
     SignedIn,
@@ -47,8 +46,6 @@ class FakeBackend:
                             vault="open" if self.authorized else "missing",
                             passwords=len(self.passwords_))]
 
-    def flow_of(self, key: str) -> Flow | None:
-        return "authorization_code" if key == ADDRESS else None
 
     async def password_need(self, key: str) -> PasswordNeed:
         return "none" if self.authorized else "new"
@@ -240,7 +237,6 @@ async def test_provider_error_in_the_callback(page: Page) -> None:
 
 async def test_device_sign_in_state(page: Page) -> None:
     csrf = await page.sign_in()
-    page.backend.flow_of = lambda key: "device_code"  # type: ignore[method-assign]
     original = page.backend.accounts
 
     async def device_accounts() -> list[AccountView]:
