@@ -80,6 +80,16 @@ def daemon(config: Path, admin_port: int, log: Path) -> Iterator[subprocess.Pope
             proc.wait()
 
 
+def screenshot(page: Any, path: Path) -> None:
+    """A test artifact; also copied to $MAILPROXY_TEST_ARTIFACTS when set (pytest's own
+    temporary directories are pruned after a few runs)."""
+    page.save_screenshot(str(path))
+    keep = os.environ.get("MAILPROXY_TEST_ARTIFACTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(keep) / path.name)
+
+
 def sign_in_link(config: Path) -> str:
     done = mailproxy("admin", "--config", str(config), "--no-browser")
     assert done.returncode == 0, done.stderr
@@ -145,7 +155,7 @@ def test_sign_in_from_the_page_then_imap_with_its_passwords(
         page.find_element(By.XPATH, "//button[text()='Add password']").click()
         phone = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, "code.secret"))[0].text
         assert phone != generated
-        page.save_screenshot(str(tmp_path / "account.png"))
+        screenshot(page, tmp_path / "account.png")
         labels = [td.text for td in page.find_elements(
             By.CSS_SELECTOR, "table.passwords tbody td:first-child")]
         assert labels == ["default", "phone"]
@@ -164,11 +174,9 @@ def test_sign_in_from_the_page_then_imap_with_its_passwords(
         assert cells[2].startswith("in 60 min")  # the access token's expiry
         assert re.match(r"(just now|\d+ s ago)\n", cells[3])
         assert cells[4].startswith("in ")  # refreshing from now on
-        screenshot = tmp_path / "accounts.png"
-        page.save_screenshot(str(screenshot))
+        screenshot(page, tmp_path / "accounts.png")
         if NOTES_SCREENSHOT.parent.is_dir() and os.access(NOTES_SCREENSHOT.parent, os.W_OK):
-            shutil.copy(screenshot, NOTES_SCREENSHOT)
-        print(f"screenshot: {screenshot}")
+            shutil.copy(tmp_path / "accounts.png", NOTES_SCREENSHOT)
 
 
 def test_device_code_on_the_page_and_what_is_refused(
@@ -196,10 +204,10 @@ def test_device_code_on_the_page_and_what_is_refused(
         first = counter.text
         wait_for(lambda: counter.text != first, 5)  # counts down
         time.sleep(1.0)  # the page polls meanwhile
-        page.save_screenshot(str(tmp_path / "device-waiting.png"))
+        screenshot(page, tmp_path / "device-waiting.png")
         authority.approve_device(code, mail_user)
         state = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, ".device.state-approved"))
-        page.save_screenshot(str(tmp_path / "device-approved.png"))
+        screenshot(page, tmp_path / "device-approved.png")
         assert "✓ Approved" in state[0].text and f"{mail_user} is authorized" in state[0].text
         assert any(p[1] == "authorization_pending" for p in authority.device_polls)
         assert imap_login(listen_port(config), mail_user, "device pw") == "OK"

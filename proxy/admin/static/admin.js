@@ -50,6 +50,8 @@
         .then(function (j) {
           if (j.state === "approved") {
             finish("state-approved", "\u2713 Approved. " + j.message + ".");
+            var next = device.querySelector("[data-continue]");
+            if (next) { next.textContent = "Continue to the account and its local passwords"; }
           } else if (j.state === "failed") {
             finish("state-failed", "\u2717 Not signed in: " + j.message);
           } else if (j.state === "waiting" && counter === null) {
