@@ -20,7 +20,7 @@ from proxy.admin.model import (
     SignedIn,
 )
 from proxy.admin.service import AdminService
-from proxy.admin.web import COOKIE
+from proxy.admin.web import COOKIE, make_app
 
 ADDRESS = "alice@example.test"
 
@@ -109,7 +109,7 @@ def csrf_of(html: str) -> str:
 @pytest.fixture
 async def page() -> AsyncIterator[Page]:
     backend = FakeBackend()
-    service = AdminService(backend, "127.0.0.1", 0, clock=backend.clock)
+    service = AdminService(backend, "127.0.0.1", 0, app_factory=make_app, clock=backend.clock)
     await service.start()
     task = asyncio.create_task(service.serve())
     try:
