@@ -23,7 +23,8 @@ import pytest
 from tests.integration.conftest import _require
 from tests.support.browser import browser_available, start_chromium
 from tests.support.clirun import ROOT, listen_port, mailproxy, write_config
-from tests.support.dovecot import Dovecot, free_port
+from tests.support.dovecot import Dovecot
+from tests.support.servers import free_port
 from tests.support.tokenserver import TokenServer
 
 NOTES_SCREENSHOT = Path("/work/wt/_notes/admin.png")
