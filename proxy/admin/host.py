@@ -46,7 +46,7 @@ _PERSISTED_EVENTS = ("authorization_required", "deadline_approaching")
 
 
 class Daemon(Protocol):
-    """What the page takes from the daemon (``proxy.server.Daemon``)."""
+    """What the page takes from the daemon (``proxy.daemon.server.Daemon``)."""
 
     settings: Settings
     gate: Gate
