@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from .. import __version__
+from ..admin.host import admin_service
+from ..admin.model import LINK_COMMAND
 from ..config import Account, Settings, parse_hostport
 from ..login import Gate, authorize_hint
 from ..net import Conn
@@ -38,7 +40,8 @@ class Daemon:
         self.notifier = Notifier(settings.notify, drop_env=[master[4:]] if master.startswith(
             "env:") else [])
         gate.tokens.set_event_sink(self._on_event)
-        self.control = ControlServer(settings.control_path, self._control)
+        self.control = ControlServer(settings.control_path, self._control,
+                                     commands=("status", LINK_COMMAND))
         self.started = time.time()
         # Per account: the notifications sent by this process (event, time, results).
         self.sent: dict[str, list[dict[str, Any]]] = {}
@@ -46,6 +49,7 @@ class Daemon:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._sessions: set[asyncio.Task[None]] = set()
+        self.admin = admin_service(self)
 
     def stop(self) -> None:
         self._stop.set()
@@ -79,6 +83,10 @@ class Daemon:
             log.info("smtp listening on %s:%d", *self.address("smtp"))
             await asyncio.to_thread(self._open_vaults)
             await self.control.start()
+            admin = None
+            if self.admin is not None:
+                await self.admin.start()
+                admin = tg.create_task(self.admin.serve(), name="admin-page")
             self._report_accounts()
             refresher = tg.create_task(self.gate.tokens.run(), name="token-refresher")
             self.ready.set()
@@ -87,6 +95,8 @@ class Daemon:
             for server in self.servers.values():
                 server.close()
             refresher.cancel()
+            if admin is not None:
+                admin.cancel()
             await asyncio.gather(self._drain(), smtp.drain(SHUTDOWN_GRACE),
                                  self.control.aclose())
         # Let a token request already on the wire finish, so a rotated token is not lost.
@@ -113,6 +123,14 @@ class Daemon:
             {"event": name, "at": event.at, "results": results})
 
     async def _control(self, command: str) -> dict[str, Any]:
+        if command == LINK_COMMAND:
+            if self.admin is None:
+                return {"error": "the admin page is off ([admin] listen is empty)"}
+            return self.admin.link()
+        return await self.status_report()
+
+    async def status_report(self) -> dict[str, Any]:
+        """Every account as the token manager knows it: `mailproxy status` and the admin page."""
         accounts = []
         for account in self.settings.accounts:
             status = self.gate.tokens.status(account.key)

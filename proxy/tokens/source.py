@@ -149,6 +149,12 @@ class TokenSource:
     def refreshing(self, account_key: str) -> bool:
         return self._entry(account_key).task is not None
 
+    def reload(self, account_key: str) -> None:
+        """Re-read the account's state at the next use, and count it as in use now."""
+        entry = self._entry(account_key)
+        entry.loaded = False
+        entry.last_used = self._clock()
+
     async def aclose(self) -> None:
         tasks = [entry.task for entry in self._entries.values() if entry.task is not None]
         if tasks:
