@@ -1,0 +1,141 @@
+"""``mailproxy queue list|show|retry|delete``: synchronous functions on the queue directory.
+
+They work whether or not the daemon runs: the index is the arbiter, every change is one
+committed transaction, and the daemon's workers look at the index every few seconds (a
+retry makes a message due now; they notice it there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .index import AccountStats, IndexDb, Record
+from .spool import _read_headers, _unlink
+
+
+class NoSuchMessage(LookupError):
+    def __init__(self, message_id: str) -> None:
+        super().__init__(f"no message {message_id!r} in the queue")
+
+
+@contextlib.contextmanager
+def _index(directory: Path) -> Iterator[IndexDb | None]:
+    path = directory / "index.sqlite"
+    if not path.exists():  # nothing was ever queued: do not create anything
+        yield None
+        return
+    db = IndexDb(path)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def list_messages(directory: Path) -> list[Record]:
+    with _index(directory) as db:
+        return db.all() if db else []
+
+
+def get(directory: Path, message_id: str) -> Record:
+    with _index(directory) as db:
+        record = db.get(message_id) if db else None
+    if record is None:
+        raise NoSuchMessage(message_id)
+    return record
+
+
+def headers(directory: Path, message_id: str) -> bytes:
+    try:
+        return _read_headers(directory / "messages" / message_id)
+    except FileNotFoundError:
+        raise NoSuchMessage(message_id) from None
+
+
+def retry(directory: Path, message_id: str | None, now: float | None = None) -> int:
+    """Make a message (None: every message) due now; how many were waiting."""
+    with _index(directory) as db:
+        if db is None:
+            if message_id is not None:
+                raise NoSuchMessage(message_id)
+            return 0
+        if message_id is not None and db.get(message_id) is None:
+            raise NoSuchMessage(message_id)
+        return db.retry(message_id, time.time() if now is None else now)
+
+
+def delete(directory: Path, message_id: str) -> Record:
+    """Remove a message without sending it (no DSN). If the daemon is delivering it at this
+    moment, that delivery may still complete."""
+    with _index(directory) as db:
+        record = db.get(message_id) if db else None
+        if record is None or db is None:
+            raise NoSuchMessage(message_id)
+        db.remove(message_id)
+    _unlink(directory / "messages" / message_id)
+    return record
+
+
+def stats(directory: Path) -> dict[str, AccountStats]:
+    with _index(directory) as db:
+        return db.stats() if db else {}
+
+
+def as_json(records: list[Record]) -> list[dict[str, Any]]:
+    return [record.as_json() for record in records]
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h"
+    return f"{seconds // 86400}d"
+
+
+def render_list(records: list[Record], now: float | None = None) -> str:
+    if not records:
+        return "The queue is empty."
+    now = time.time() if now is None else now
+    lines = []
+    for r in records:
+        sender = r.sender or "<>"
+        due = "now" if r.next_attempt <= now else f"in {_age(r.next_attempt - now)}"
+        state = "delivering" if r.state == "active" else f"next try {due}"
+        lines.append(f"{r.id}  {r.size:>9} B  {_age(now - r.received):>4} old  "
+                     f"{r.account}  {sender} -> {', '.join(r.recipients)}")
+        lines.append(f"    {r.attempts} attempt(s), {state}"
+                     + (f"; last error: {r.last_error}" if r.last_error else ""))
+    total = sum(r.size for r in records)
+    lines.append(f"{len(records)} message(s), {total} bytes.")
+    return "\n".join(lines)
+
+
+def render_show(record: Record, head: bytes) -> str:
+    lines = [
+        f"id:            {record.id}" + (" (delivery status notification)"
+                                          if record.kind == "dsn" else ""),
+        f"account:       {record.account}",
+        f"sender:        {record.sender or '<>'}",
+        f"recipients:    {', '.join(record.recipients)}",
+        f"size:          {record.size} bytes",
+        f"received:      {_when(record.received)}",
+        f"attempts:      {record.attempts}",
+        f"state:         {'delivering' if record.state == 'active' else 'queued'}",
+        f"next attempt:  {_when(record.next_attempt)}",
+        f"last error:    {record.last_error or '-'}",
+        "",
+        head.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\n"),
+    ]
+    return "\n".join(lines)
