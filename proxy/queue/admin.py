@@ -7,7 +7,10 @@ retry makes a message due now; they notice it there).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -139,3 +142,51 @@ def render_show(record: Record, head: bytes) -> str:
         head.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\n"),
     ]
     return "\n".join(lines)
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """``mailproxy queue ...`` on the CLI's subparsers."""
+    queue = sub.add_parser(
+        "queue", parents=parents, help="look at and manage the outbound queue",
+        description="The messages the outbound queue holds. Works while the daemon runs: "
+                    "its delivery workers see a retry within seconds.")
+    qsub = queue.add_subparsers(dest="action", required=True, metavar="ACTION")
+    qlist = qsub.add_parser("list", parents=parents, help="list queued messages")
+    qlist.add_argument("--json", action="store_true", help="machine-readable output")
+    qshow = qsub.add_parser("show", parents=parents,
+                            help="a message's envelope, state and headers")
+    qshow.add_argument("id", metavar="ID")
+    qretry = qsub.add_parser("retry", parents=parents, help="try a message (or all) now")
+    which = qretry.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", metavar="ID", nargs="?")
+    which.add_argument("--all", action="store_true", help="every queued message")
+    qdelete = qsub.add_parser("delete", parents=parents,
+                              help="remove a message without sending it (no bounce)")
+    qdelete.add_argument("id", metavar="ID")
+
+
+def run(directory: Path, args: argparse.Namespace) -> int:
+    """Run ``mailproxy queue ACTION``; 0, or 1 when the message is not in the queue."""
+    try:
+        if args.action == "list":
+            records = list_messages(directory)
+            if args.json:
+                print(json.dumps(as_json(records), indent=2))
+            else:
+                print(render_list(records))
+        elif args.action == "show":
+            print(render_show(get(directory, args.id), headers(directory, args.id)))
+        elif args.action == "retry":
+            count = retry(directory, None if args.all else args.id)
+            print(f"{count} message(s) due now." if args.all else f"{args.id} is due now.")
+        else:
+            record = delete(directory, args.id)
+            print(f"{record.id} deleted ({record.sender or '<>'} -> "
+                  f"{', '.join(record.recipients)}).")
+    except NoSuchMessage as exc:
+        print(f"mailproxy: {exc}", file=sys.stderr)
+        return 1
+    return 0
