@@ -1,5 +1,5 @@
 """Command line: ``mailproxy run``, ``authorize``, ``password set|add|remove|list``,
-``token import`` and ``status``; one module per command group, the arguments in ``parser``."""
+``token import``, ``status`` and ``queue list|show|retry|delete``; one module per command group, the arguments in ``parser``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .status import status
 
             return status(settings, as_json=args.json)
+        if args.command == "queue":
+            from ..queue import admin as queue_admin
+
+            return queue_admin.run(settings.queue_dir, args)
         account = find_account(settings, args.account)
         if args.command == "authorize":
             from .authorize import authorize

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..queue import admin as queue_admin
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,4 +79,5 @@ def build_parser() -> argparse.ArgumentParser:
                     "next refresh, last error, notifications sent. Asks the running daemon; "
                     "without one, reads the state on disk.")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    queue_admin.add_parser(sub, [config])
     return parser
