@@ -162,6 +162,8 @@ class AccountWorker:
         await self.load_history()
         try:
             while True:
+                # Cleared before looking, so a wake() while a round runs is not lost.
+                self._wake.clear()
                 try:
                     delay = await self.step()
                 except Exception:
@@ -175,7 +177,6 @@ class AccountWorker:
             await asyncio.shield(self._drop())
 
     async def _nap(self, seconds: float) -> None:
-        self._wake.clear()
         try:
             async with asyncio.timeout(seconds):
                 await self._wake.wait()
