@@ -147,8 +147,8 @@ class AccountWorker:
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
-        """Look at the queue now (a new message, a retry)."""
-        self._hold_until = 0.0
+        """Look at the queue now (a new message). An account held back after failed logins
+        stays held: only a retry (a tried message made due earlier) ends that."""
         self._wake.set()
 
     async def load_history(self) -> None:
@@ -361,7 +361,6 @@ class AccountWorker:
                                               kind="dsn")
                 log.info("queue: DSN %s queued for <%s> about %s", queued.id, record.sender,
                          record.id)
-                self.wake()
             except OSError as exc:
                 log.error("queue: cannot queue a DSN about %s: %s", record.id, exc)
         await self.on_failure(self.account, f"message {record.id} from <{record.sender}> "

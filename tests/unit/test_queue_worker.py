@@ -392,3 +392,24 @@ async def test_run_wakes_for_new_messages_and_closes_on_cancel(tmp_path: Path) -
         assert len(server.delivered) == 1 and server.closes == 1
     finally:
         await spool.aclose()
+
+
+async def test_new_mail_and_expiry_do_not_end_a_login_hold(rig: Rig) -> None:
+    rig.server.refuse = SessionRefused("cannot reach the server")
+    old = await rig.queue()
+    await rig.worker.step()
+    hold = rig.worker.status.hold_until
+    assert hold == rig.clock.now + 60
+    await rig.queue()
+    rig.worker.wake()  # what the service does for a new message
+    assert 0 < await rig.worker.step() <= POLL
+    assert rig.server.opens == 0 and rig.worker.status.hold_until == hold
+    # Both expire; their DSNs are queued and wait for the server like everything else.
+    rig.worker.lifetime = 30
+    rig.clock.now += 61
+    await rig.worker.step()
+    assert await rig.spool.index.get(old) is None and len(rig.failures) == 2
+    await rig.worker.step()
+    assert rig.worker.status.hold_until == rig.clock.now + 120
+    dsns = await rig.spool.index.call(rig.spool.index.db.all)
+    assert [r.kind for r in dsns] == ["dsn", "dsn"] and rig.server.opens == 0
