@@ -204,15 +204,21 @@ class Reception:
         spool._receiving[self.id] = 0
 
     async def write(self, data: bytes) -> None:
+        if self.add(data):
+            await self.flush()
+
+    def add(self, data: bytes) -> bool:
+        """Take ``data`` into memory; True when enough is gathered that ``flush`` should write
+        it (a ``data.Sink``'s send/drain: no I/O here)."""
         self.size += len(data)
         if self.id in self.spool._receiving:
             self.spool._receiving[self.id] = self.size  # counts against max_size meanwhile
         self._buffer.append(data)
         self._buffered += len(data)
-        if self._buffered >= WRITE_BUFFER:
-            await self._flush()
+        return self._buffered >= WRITE_BUFFER
 
-    async def _flush(self) -> None:
+    async def flush(self) -> None:
+        """Write what ``add`` gathered to the temporary file (in a thread)."""
         if not self._buffer:
             return
         data = b"".join(self._buffer)
@@ -222,22 +228,29 @@ class Reception:
                 os.open, self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         await asyncio.to_thread(_write_all, self._fd, data)
 
-    async def commit(self, *, check: bool = True) -> Record:
+    async def commit(self, *, check: bool = True, size: int | None = None) -> Record:
         """Make the message durable and queued; only then may the client get 250.
 
-        Raises ``QueueFull`` (``check``: the size budget and the disk floor) and ``OSError``;
-        the temporary file is removed then, and nothing is queued.
+        ``size``: keep only that many bytes (what came after is the end marker, which the
+        front's pump writes into its sink too). Raises ``QueueFull`` (``check``: the size
+        budget and the disk floor) and ``OSError``; the temporary file is removed then, and
+        nothing is queued.
         """
         spool = self.spool
+        if size is not None and not 0 <= size <= self.size:
+            raise ValueError(f"cannot keep {size} bytes of {self.size}")
         try:
             if check:
                 spool._receiving.pop(self.id, None)
                 await spool.check_space(self.size)
-            await self._flush()
+            await self.flush()
             if self._fd is None:  # an empty message
                 self._fd = await asyncio.to_thread(
                     os.open, self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             fd, self._fd = self._fd, None
+            if size is not None and size != self.size:
+                self.size = size
+                await asyncio.to_thread(os.ftruncate, fd, size)
             await asyncio.to_thread(_sync_close, fd)
             spool.fault("written")
             target = spool.path(self.id)

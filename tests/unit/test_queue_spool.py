@@ -317,3 +317,18 @@ def test_sigkill_at_random_moments_never_loses_an_acknowledged_message(tmp_path:
         assert hashlib.sha256(data).hexdigest() == digest
     assert sorted(os.listdir(directory / "messages")) == sorted(ids)
     assert os.listdir(directory / "incoming") == []
+
+
+async def test_commit_keeps_the_message_without_the_end_marker(spool: Spool) -> None:
+    reception = spool.receive("a@example.org", "s@example.org", ["r@example.net"])
+    body = b"Subject: x\r\n\r\n" + b"y" * 300_000 + b"\r\n"
+    assert reception.add(body[:100]) is False
+    assert reception.add(body[100:] + b".\r\n") is True  # past the buffer: flush now
+    await reception.flush()
+    record = await reception.commit(size=len(body))
+    assert record.size == len(body)
+    assert (spool.messages / record.id).read_bytes() == body
+    small = spool.receive("a@example.org", "s@example.org", ["r@example.net"])
+    small.add(b"hi\r\n.\r\n")
+    record = await small.commit(size=4)
+    assert (spool.messages / record.id).read_bytes() == b"hi\r\n" and record.size == 4
