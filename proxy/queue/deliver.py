@@ -10,7 +10,7 @@ from aiosmtplib import SMTPResponse
 from ..config import Account
 from ..login import Gate, Refusal
 from ..smtp.upstream import SmtpUpstreamSession, UpstreamGone
-from .worker import Attempt, Reply, SessionLost, SessionRefused
+from .upstream import Attempt, Reply, SessionLost, SessionRefused
 
 # MAIL parameters passed on when the server announces their extension; others are dropped
 # (SIZE is given again with the stored size by the server's rules, not the client's).

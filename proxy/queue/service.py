@@ -16,7 +16,8 @@ from typing import Any
 from ..config import Account, Settings
 from .ratelimit import Limits
 from .spool import Recovery, Spool
-from .worker import AccountWorker, Deliverer
+from .upstream import Deliverer
+from .worker import AccountWorker
 
 log = logging.getLogger("mailproxy.queue")
 

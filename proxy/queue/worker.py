@@ -2,9 +2,8 @@
 over one logged-in upstream session (RSET between messages), with back-off, lifetime,
 rate limits, partial recipient failure and DSNs.
 
-The upstream is behind two small protocols (``Deliverer`` opens a logged-in ``UpstreamSession``
-for an account), so this logic is tested with a fake and an injected clock; ``deliver.py``
-is the real one over ``proxy/smtp/upstream.py``.
+The upstream is behind two small protocols (upstream.py), so this logic is tested with a
+fake and an injected clock; ``deliver.py`` is the real one over ``proxy/smtp/upstream.py``.
 """
 
 from __future__ import annotations
@@ -12,15 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from ..config import Account
 from . import dsn
 from .index import SENT_WINDOW, Record
 from .ratelimit import Limits, RateLimiter
 from .spool import Spool
+from .upstream import Deliverer, Reply, SessionLost, SessionRefused, UpstreamSession
 
 log = logging.getLogger("mailproxy.queue")
 
@@ -38,71 +37,6 @@ CLOSE_TIMEOUT = 5.0
 def backoff(attempts: int, max_backoff: float) -> float:
     """Seconds to wait after the ``attempts``-th failed try: 60, 120, 240, ... up to max."""
     return min(FIRST_BACKOFF * 2.0 ** max(attempts - 1, 0), max_backoff)
-
-
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.code} {' '.join(self.text.split())}"
-
-    @property
-    def ok(self) -> bool:
-        return 200 <= self.code < 300
-
-    @property
-    def permanent(self) -> bool:
-        return self.code >= 500
-
-
-@dataclass
-class Attempt:
-    """What the upstream said to one message: MAIL, each RCPT, and the end of data (None
-    when no recipient was accepted, so no DATA was sent)."""
-
-    mail: Reply
-    recipients: dict[str, Reply] = field(default_factory=dict)
-    data: Reply | None = None
-
-
-class SessionLost(Exception):
-    """The upstream connection broke; whatever was in flight was not delivered."""
-
-
-class SessionRefused(Exception):
-    """No logged-in session now. ``authorization``: the account needs a person first."""
-
-    def __init__(self, text: str, *, authorization: bool = False) -> None:
-        super().__init__(text)
-        self.text = text
-        self.authorization = authorization
-
-
-class UpstreamSession(Protocol):
-    async def send(self, sender: str, mail_options: list[str], recipients: list[str],
-                   body: AsyncIterable[bytes]) -> Attempt:
-        """One transaction; ``sender`` "" is the null sender, ``body`` the stored message
-        (dot-stuffed, without the end marker). Raises ``SessionLost``."""
-        ...
-
-    async def reset(self) -> None:
-        """RSET; raises ``SessionLost``."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-class Deliverer(Protocol):
-    async def open(self, account: Account) -> UpstreamSession:
-        """A logged-in session for the account; raises ``SessionRefused``."""
-        ...
-
-    def waiting_for(self, account: Account) -> str | None:
-        """Why the account cannot send now without a person (not authorized, vault locked),
-        or None. Cheap: no network."""
-        ...
 
 
 # Called when messages failed for good: (account, reason); the daemon sends `message_failed`.

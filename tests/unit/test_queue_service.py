@@ -10,7 +10,7 @@ import pytest
 
 from proxy.config import Account, QueueSettings, Settings
 from proxy.queue.service import QueueLocked, QueueService
-from proxy.queue.worker import Reply
+from proxy.queue.upstream import Reply
 from tests.unit.test_queue_worker import ACCOUNT, FakeDeliverer, Server
 
 IMAP_ONLY = Account(address="reader@example.com", provider="custom", client_id="c",

@@ -16,15 +16,8 @@ from proxy.config import Account
 from proxy.queue import admin
 from proxy.queue.ratelimit import Limits
 from proxy.queue.spool import Spool
-from proxy.queue.worker import (
-    POLL,
-    AccountWorker,
-    Attempt,
-    Reply,
-    SessionLost,
-    SessionRefused,
-    backoff,
-)
+from proxy.queue.upstream import Attempt, Reply, SessionLost, SessionRefused
+from proxy.queue.worker import POLL, AccountWorker, backoff
 
 ACCOUNT = Account(address="Office@example.com", provider="custom", client_id="c",
                   token_url="http://127.0.0.1:1/token", scopes=[],
