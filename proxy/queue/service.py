@@ -15,7 +15,7 @@ from typing import Any
 
 from ..config import Account, Settings
 from .ratelimit import Limits
-from .spool import Recovery, Spool
+from .spool import Reception, Recovery, Spool
 from .upstream import Deliverer
 from .worker import AccountWorker
 
@@ -48,6 +48,7 @@ class QueueService:
         self.recovery: Recovery | None = None
         self._lock_fd: int | None = None
         self._failures: asyncio.Queue[tuple[Account, str]] = asyncio.Queue()
+        self._abandoned: asyncio.Queue[Reception] = asyncio.Queue()
 
     async def start(self) -> Spool:
         """Open and lock the queue directory and clean up after a crash; before listening."""
@@ -77,6 +78,7 @@ class QueueService:
             for key, worker in self.workers.items():
                 tg.create_task(worker.run(), name=f"queue-{key}")
             tg.create_task(self._send_failures(), name="queue-notify")
+            tg.create_task(self._sweep(), name="queue-sweep")
 
     async def aclose(self) -> None:
         if self.spool is not None:
@@ -91,6 +93,19 @@ class QueueService:
         worker = self.workers.get(account_key)
         if worker is not None:
             worker.wake()
+
+    def abandon(self, reception: Reception) -> None:
+        """Drop a reception from code that cannot await (a transaction's ``abort``): its
+        temporary file is removed by the service's own task (and at the next start anyway)."""
+        self._abandoned.put_nowait(reception)
+
+    async def _sweep(self) -> None:
+        while True:
+            reception = await self._abandoned.get()
+            try:
+                await reception.abort()
+            except OSError as exc:
+                log.warning("queue: cannot remove an unfinished reception: %s", exc)
 
     async def _failed(self, account: Account, reason: str) -> None:
         self._failures.put_nowait((account, reason))

@@ -41,6 +41,9 @@ async def test_service_delivers_notifies_and_reports(tmp_path: Path) -> None:
     try:
         async with asyncio.TaskGroup() as tg:
             task = tg.create_task(service.run())
+            dropped = spool.receive(ACCOUNT.key, "", ["x@example.net"])
+            await dropped.write(b"y" * 300_000)  # a temporary file exists
+            service.abandon(dropped)
             reception = spool.receive(ACCOUNT.key, "", ["ok@example.net", "gone@example.net"])
             await reception.write(b"Subject: x\r\n\r\n")
             await reception.commit()
@@ -57,6 +60,7 @@ async def test_service_delivers_notifies_and_reports(tmp_path: Path) -> None:
         entry = status[ACCOUNT.key]
         assert entry["queued"] == 0 and entry["delivered"] == 1 and entry["failed"] == 1
         assert "5.1.1" in entry["last_error"]
+        assert list(spool.incoming.iterdir()) == []  # the abandoned reception was swept
     finally:
         await service.aclose()
     # Unlocked once closed: the next start works (and recovers).
