@@ -24,7 +24,8 @@ _CHILD = textwrap.dedent("""
     from pathlib import Path
     from proxy.config import Account
     from proxy.queue.spool import Spool
-    from proxy.queue.worker import AccountWorker, Attempt, Reply
+    from proxy.queue.upstream import Attempt, Reply
+    from proxy.queue.worker import AccountWorker
 
     directory, outbox = Path(sys.argv[1]), Path(sys.argv[2])
     produce, first, drain, seed = (int(x) for x in sys.argv[3:7])
