@@ -1,5 +1,6 @@
 """Command line: ``mailproxy run``, ``authorize``, ``password set|add|remove|list``,
-``token import``, ``status`` and ``queue list|show|retry|delete``; one module per command group, the arguments in ``parser``."""
+``token import``, ``status`` and ``queue list|show|retry|delete``; one module per command
+group (the queue's in ``proxy.queue.admin``), the arguments in ``parser``."""
 
 from __future__ import annotations
 

@@ -16,12 +16,12 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from proxy.config import Account, Settings
+from proxy.daemon.server import make_gate
 from proxy.login import Gate
 from proxy.queue import admin
 from proxy.queue.deliver import SmtpDeliverer
 from proxy.queue.spool import Spool
 from proxy.queue.worker import AccountWorker
-from proxy.server import make_gate
 from tests.integration.test_smtp_proxy import (  # noqa: F401  (fixtures)
     SmtpHarness,
     cutter,
