@@ -154,6 +154,9 @@ class SmtpListener(_Strict):
     # server's verdict. "queue": the client gets 250 once the message is safely on disk; the
     # outbound queue delivers it (see [queue]). Devices choose for themselves ([[devices]]).
     delivery: Delivery = "relay"
+    # Relay: a logged-in upstream session is kept this many seconds after its client left,
+    # for the account's next client (one login for many one-message connections); 0: off.
+    upstream_pool_idle: float = Field(default=60.0, ge=0)
 
 
 class QueueSettings(_Strict):
