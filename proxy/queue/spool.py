@@ -34,6 +34,8 @@ WRITE_BUFFER = 256 * 1024
 READ_CHUNK = 256 * 1024
 # The headers of a message, for a DSN, are looked for in its first bytes only.
 HEADERS_MAX = 256 * 1024
+# check_space reads the queue's total and the disk's free space at most this often.
+SPACE_TTL = 1.0
 
 
 class QueueFull(Exception):
@@ -84,6 +86,11 @@ class Spool:
         # fsynced), "renamed", "dir_synced", "committed" (row committed, no reply yet).
         self.fault: Callable[[str], None] = _no_fault
         self._receiving: dict[str, int] = {}  # receptions in progress: bytes so far
+        # check_space's readings (see there).
+        self._queued: int | None = None
+        self._queued_at = 0.0
+        self._free = 0
+        self._free_at = -SPACE_TTL
 
     @classmethod
     async def open(cls, directory: Path, *, max_size: int = 0, min_free: int = 0,
@@ -121,14 +128,23 @@ class Spool:
     # -- reception ------------------------------------------------------------------------
 
     async def check_space(self, extra: int = 0) -> None:
-        """Raise ``QueueFull`` when one more message (``extra`` bytes so far) is too much."""
+        """Raise ``QueueFull`` when one more message (``extra`` bytes so far) is too much.
+
+        The queued total and the free space are read at most every ``SPACE_TTL`` seconds
+        (commits made here are counted at once; deletions by the CLI a little later)."""
+        now = time.monotonic()
         if self.max_size:
-            queued = await self.index.total_size()
+            if self._queued is None or now - self._queued_at > SPACE_TTL:
+                self._queued, self._queued_at = await self.index.total_size(), now
+            queued = self._queued
             if queued + sum(self._receiving.values()) + extra > self.max_size:
                 raise QueueFull(f"the queue is full ({queued} bytes queued, max_size is "
                                 f"{self.max_size}); try again later")
         if self.min_free:
-            free = (await asyncio.to_thread(shutil.disk_usage, self.directory)).free
+            if now - self._free_at > SPACE_TTL:
+                self._free = (await asyncio.to_thread(shutil.disk_usage, self.directory)).free
+                self._free_at = now
+            free = self._free
             if free - extra < self.min_free:
                 raise QueueFull(f"the queue's disk has {free} bytes free, below the floor of "
                                 f"{self.min_free}; try again later")
@@ -166,6 +182,7 @@ class Spool:
         two leaves an orphan file, removed at the next start."""
         await self.index.call(lambda: self.index.db.remove(message_id, sent=sent))
         await asyncio.to_thread(_unlink, self.path(message_id))
+        self._queued = None  # read again at the next check
 
 
 class MessageFile:
@@ -243,21 +260,15 @@ class Reception:
             if check:
                 spool._receiving.pop(self.id, None)
                 await spool.check_space(self.size)
-            await self.flush()
-            if self._fd is None:  # an empty message
-                self._fd = await asyncio.to_thread(
-                    os.open, self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            data = b"".join(self._buffer)
+            self._buffer, self._buffered = [], 0
             fd, self._fd = self._fd, None
-            if size is not None and size != self.size:
-                self.size = size
-                await asyncio.to_thread(os.ftruncate, fd, size)
-            await asyncio.to_thread(_sync_close, fd)
-            spool.fault("written")
+            keep = size if size is not None and size != self.size else None
+            if keep is not None:
+                self.size = keep
             target = spool.path(self.id)
-            await asyncio.to_thread(os.rename, self._temp, target)
-            spool.fault("renamed")
-            await asyncio.to_thread(fsync_dir, spool.messages)
-            spool.fault("dir_synced")
+            # One thread hop for the whole boundary: it is what the client waits for.
+            await asyncio.to_thread(self._persist, fd, data, keep, target)
             now = spool.clock()
             record = Record(id=self.id, account=self.account, sender=self.sender,
                             recipients=self.recipients, size=self.size, received=now,
@@ -267,6 +278,9 @@ class Reception:
             except Exception:
                 await asyncio.to_thread(_unlink, target)
                 raise
+            if spool._queued is not None:
+                spool._queued += record.size
+            spool._free -= record.size
             spool.fault("committed")
             return record
         except Exception:
@@ -274,6 +288,26 @@ class Reception:
             raise
         finally:
             spool._receiving.pop(self.id, None)
+
+    def _persist(self, fd: int | None, data: bytes, keep: int | None, target: Path) -> None:
+        """In a thread: the rest written, the file fsynced, renamed into the queue, the
+        directory fsynced."""
+        spool = self.spool
+        if fd is None:  # everything was still in memory
+            fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if data:
+                _write_all(fd, data)
+            if keep is not None:
+                os.ftruncate(fd, keep)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        spool.fault("written")
+        os.rename(self._temp, target)
+        spool.fault("renamed")
+        fsync_dir(spool.messages)
+        spool.fault("dir_synced")
 
     async def abort(self) -> None:
         """Drop the message (the client went away, or it is refused)."""
@@ -293,13 +327,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def _sync_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(path: Path) -> None:
