@@ -26,6 +26,8 @@ log = logging.getLogger("mailproxy.queue")
 FIRST_BACKOFF = 60.0
 # How often an idle worker looks at the index (new retries from `mailproxy queue retry`).
 POLL = 2.0
+# How often a worker with nothing queued looks anyway (a new message wakes it at once).
+IDLE_POLL = 30.0
 # How often an account waiting for authorization checks again (cheap: no network).
 AUTH_POLL = 5.0
 # A logged-in upstream session with nothing to send is closed after this long.
@@ -139,8 +141,8 @@ class AccountWorker:
             if self._session is not None and now - self._last_used >= SESSION_IDLE:
                 await self._drop()
             due = await self.spool.index.next_due(self.key)
-            if due is None:
-                return POLL
+            if due is None:  # nothing queued: a new message wakes the worker
+                return IDLE_POLL if self._session is None else min(SESSION_IDLE, IDLE_POLL)
             return max(0.0, min(due - now, POLL))
         for record in batch:
             now = self.clock()

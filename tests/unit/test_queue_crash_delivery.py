@@ -38,11 +38,13 @@ _CHILD = textwrap.dedent("""
         async def send(self, sender, options, rcpts, body):
             data = b"".join([c async for c in body])
             await asyncio.sleep(rng.random() * 0.004)
-            path = outbox / uuid.uuid4().hex
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            # Stored whole or not at all (a kill mid-write is a delivery without its 250).
+            name = uuid.uuid4().hex
+            fd = os.open(outbox / (name + ".tmp"), os.O_WRONLY | os.O_CREAT, 0o600)
             os.write(fd, data)
             os.fsync(fd)
             os.close(fd)
+            os.rename(outbox / (name + ".tmp"), outbox / name)
             return Attempt(OK, {r: OK for r in rcpts}, OK)
         async def reset(self): pass
         async def close(self): pass
@@ -112,7 +114,7 @@ def test_sigkill_during_reception_and_delivery(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "drained" in final.stdout, final.stderr
     counts = collections.Counter(token((outbox / name).read_bytes())
-                                 for name in os.listdir(outbox))
+                                 for name in os.listdir(outbox) if not name.endswith(".tmp"))
     lost = sorted(acked - counts.keys())
     duplicates = sum(n - 1 for n in counts.values())
     print(f"{kills} kills, {len(acked)} messages acknowledged, {len(counts)} delivered, "
