@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,6 +22,7 @@ import platformdirs
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -86,6 +88,39 @@ def _check_oauth_url(value: str) -> str:
 OAuthUrl = Annotated[str, AfterValidator(_check_oauth_url)]
 
 
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"\s*(\d+)\s*([KMG]?)i?B?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def _duration(value: object) -> object:
+    """Seconds, or a string with a unit: "90s", "30m", "12h", "5d"."""
+    if isinstance(value, str):
+        match = _DURATION.fullmatch(value)
+        if match is None:
+            raise ValueError(f"expected seconds or a duration such as '30m', '12h', '5d', "
+                             f"got {value!r}")
+        return float(match[1]) * _DURATION_UNITS[match[2]]
+    return value
+
+
+def _byte_size(value: object) -> object:
+    """Bytes, or a string with a unit: "512K", "100M", "2G" (powers of 1024)."""
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if match is None:
+            raise ValueError(f"expected bytes or a size such as '100M', '2G', got {value!r}")
+        return int(match[1]) * _SIZE_UNITS[match[2].upper()]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_duration), Field(gt=0)]
+ByteSize = Annotated[int, BeforeValidator(_byte_size), Field(ge=0)]
+
+Delivery = Literal["relay", "queue"]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -115,6 +150,87 @@ class SmtpListener(_Strict):
     # a refused sender or DATA then comes back at the next reply, in the server's words. True:
     # MAIL and DATA each wait for the server's own reply (two more round trips a message).
     strict_one_to_one: bool = False
+    # "relay": a message is sent upstream while the client waits, and the client gets the
+    # server's verdict. "queue": the client gets 250 once the message is safely on disk; the
+    # outbound queue delivers it (see [queue]). Devices choose for themselves ([[devices]]).
+    delivery: Delivery = "relay"
+    # Relay: a logged-in upstream session is kept this many seconds after its client left,
+    # for the account's next client (one login for many one-message connections); 0: off.
+    upstream_pool_idle: float = Field(default=60.0, ge=0)
+
+
+class QueueSettings(_Strict):
+    # The spool and its index; default: "queue" in state_dir.
+    dir: Path | None = None
+    # How long a message is retried before it bounces (seconds, or "5d", "12h", ...).
+    lifetime: Duration = 5 * 86400.0
+    # Longest wait between tries; the wait doubles from a minute up to this.
+    max_backoff: Duration = 3600.0
+    # Bytes on disk the queue may hold ("500M", "2G"; 0: no limit); past it, and below
+    # `min_free` free space on its disk, new messages get 452 and wait at the client.
+    max_size: ByteSize = 1024**3
+    min_free: ByteSize = 100 * 1024**2
+
+    @field_validator("dir")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+
+class Device(_Strict):
+    """A device that cannot log in (printer, scanner): trusted by the network it comes from."""
+
+    name: str
+    # Addresses or networks (CIDR) the device connects from.
+    networks: list[str]
+    # The [[accounts]] address it sends as.
+    account: str
+    # Envelope senders it may use; default: the account's address.
+    senders: list[str] = []
+    delivery: Delivery = "queue"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @field_validator("networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one address or network (CIDR)")
+        out = []
+        for item in value:
+            try:
+                out.append(str(ipaddress.ip_network(item.strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network such as "
+                                 "'192.168.1.20' or '192.168.1.0/24'") from None
+        return out
+
+    @field_validator("senders")
+    @classmethod
+    def _senders(cls, value: list[str]) -> list[str]:
+        for sender in value:
+            if "@" not in sender or any(c.isspace() or c in "<>" for c in sender):
+                raise ValueError(f"expected an e-mail address, got {sender!r}")
+        return value
+
+    def matches(self, host: str) -> bool:
+        """True when a connection from ``host`` (an IP address) is this device's."""
+        try:
+            address = ipaddress.ip_address(host.partition("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in ipaddress.ip_network(net) for net in self.networks)
+
+    def allows_sender(self, sender: str) -> bool:
+        wanted = sender.casefold()
+        return any(s.casefold() == wanted for s in self.senders)
 
 
 class TokenSettings(_Strict):
@@ -200,6 +316,11 @@ class Account(_Strict):
     smtp_tls: TlsMode | None = None
     # Recipients per message; default: the provider's limit (none for custom: the server decides).
     smtp_max_recipients: int | None = Field(default=None, ge=1)
+    # Sending limits for the outbound queue (0: none); default: the provider's (Microsoft 365:
+    # 30 a minute and 10,000 recipients a day; Gmail: 2,000 messages a day).
+    max_messages_per_minute: int | None = Field(default=None, ge=0)
+    max_messages_per_day: int | None = Field(default=None, ge=0)
+    max_recipients_per_day: int | None = Field(default=None, ge=0)
     # A CA bundle to trust for the upstream mail servers (private CA, interception proxy, tests).
     # Certificates are always verified; this only adds trust anchors.
     ca_file: Path | None = None
@@ -275,6 +396,10 @@ class Account(_Strict):
                 self.scopes = list(preset.app_only_scopes if app_only else preset.scopes)
             if self.smtp_max_recipients is None:
                 self.smtp_max_recipients = preset.smtp_max_recipients
+            for limit in ("max_messages_per_minute", "max_messages_per_day",
+                          "max_recipients_per_day"):
+                if getattr(self, limit) is None:
+                    setattr(self, limit, getattr(preset, limit))
             for proto in ("imap", "pop3", "smtp"):
                 server: Server = getattr(preset, proto)
                 if getattr(self, f"{proto}_server") is None:
@@ -336,9 +461,11 @@ class Settings(BaseSettings):
     vault: VaultSettings = VaultSettings()
     notify: NotifySettings = NotifySettings()
     admin: AdminSettings = AdminSettings()
+    queue: QueueSettings = QueueSettings()
     # The daemon's status socket (owner-only); default: control.sock in state_dir.
     control_socket: Path | None = None
     accounts: list[Account] = []
+    devices: list[Device] = []
 
     @field_validator("state_dir")
     @classmethod
@@ -352,6 +479,17 @@ class Settings(BaseSettings):
             if account.key in seen:
                 raise ValueError(f"account {account.address!r} is listed twice")
             seen.add(account.key)
+        names: set[str] = set()
+        for device in self.devices:
+            if device.name.casefold() in names:
+                raise ValueError(f"device {device.name!r} is listed twice")
+            names.add(device.name.casefold())
+            owner = self.account(device.account)
+            if owner is None:
+                raise ValueError(f"device {device.name!r}: account {device.account!r} is not "
+                                 "one of the [[accounts]] addresses")
+            if not device.senders:
+                device.senders = [owner.address]
         return self
 
     @classmethod
@@ -368,6 +506,17 @@ class Settings(BaseSettings):
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.queue.dir or self.state_dir / "queue"
+
+    def device_for(self, host: str) -> Device | None:
+        """The device rule for a connection from ``host`` (the first that matches)."""
+        for device in self.devices:
+            if device.matches(host):
+                return device
+        return None
 
     @property
     def control_path(self) -> Path:
@@ -395,14 +544,16 @@ def _format_errors(exc: ValidationError, data: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = tuple(err["loc"])
-        if loc and loc[0] == "accounts" and len(loc) > 1 and isinstance(loc[1], int):
+        if loc and loc[0] in ("accounts", "devices") and len(loc) > 1 \
+                and isinstance(loc[1], int):
+            what, field = ("account", "address") if loc[0] == "accounts" else ("device", "name")
             try:
-                address = data["accounts"][loc[1]].get("address")
+                name = data[loc[0]][loc[1]].get(field)
             except (KeyError, IndexError, AttributeError, TypeError):
-                address = None
-            if address:
+                name = None
+            if name:
                 loc = loc[:2] + tuple(p for p in loc[2:] if p not in ("function-after",))
-                prefix = f"{_describe(loc)} (account {address!r})"
+                prefix = f"{_describe(loc)} ({what} {name!r})"
             else:
                 prefix = _describe(loc)
         else:

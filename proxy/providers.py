@@ -37,6 +37,11 @@ class Preset:
     default_tenant: str | None = None
     # Recipients per message the provider's SMTP submission accepts.
     smtp_max_recipients: int | None = None
+    # Sending limits the provider enforces (it blocks the mailbox past them); the outbound
+    # queue paces itself to stay under them.
+    max_messages_per_minute: int | None = None
+    max_messages_per_day: int | None = None
+    max_recipients_per_day: int | None = None
     # Extra authorization request parameters (Google needs offline access to issue a refresh token).
     authorize_params: dict[str, str] = field(default_factory=dict)
 
@@ -61,6 +66,7 @@ PRESETS: dict[str, Preset] = {
         scopes=("https://mail.google.com/",),
         authorize_params={"access_type": "offline", "prompt": "consent"},
         smtp_max_recipients=100,
+        max_messages_per_day=2000,
     ),
     "office365": Preset(
         imap=Server("outlook.office365.com", 993, "implicit"),
@@ -73,6 +79,8 @@ PRESETS: dict[str, Preset] = {
         app_only_scopes=("https://outlook.office365.com/.default",),
         default_tenant="organizations",
         smtp_max_recipients=500,
+        max_messages_per_minute=30,
+        max_recipients_per_day=10000,
     ),
     "outlook": Preset(
         imap=Server("outlook.office365.com", 993, "implicit"),

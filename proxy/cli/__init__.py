@@ -1,6 +1,6 @@
 """Command line: ``mailproxy run``, ``authorize``, ``password set|add|remove|list``,
-``token import``, ``status`` and ``admin``; one module per command group, the arguments in
-``parser``."""
+``token import``, ``status``, ``admin`` and ``queue list|show|retry|delete``; one module per
+command group (the queue's in ``proxy.queue.admin``), the arguments in ``parser``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .admin import admin
 
             return admin(settings, browser=not args.no_browser)
+        if args.command == "queue":
+            from ..queue import admin as queue_admin
+
+            return queue_admin.run(settings.queue_dir, args)
         account = find_account(settings, args.account)
         if args.command == "authorize":
             from .authorize import authorize

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..queue import admin as queue_admin
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,4 +87,5 @@ def build_parser() -> argparse.ArgumentParser:
                     "The link works once, within 5 minutes.")
     admin.add_argument("--no-browser", action="store_true",
                        help="only print the link (e.g. to open it through an SSH tunnel)")
+    queue_admin.add_parser(sub, [config])
     return parser

@@ -1,8 +1,10 @@
-"""``mailproxy status``: each account's token state, from the running daemon or from disk."""
+"""``mailproxy status``: each account's token state and outbound queue, from the running
+daemon or from disk."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +25,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
     else:
         report = {"source": "disk", "accounts": [_disk_status(settings, a)
                                                  for a in settings.accounts]}
+        _disk_queue(settings, report["accounts"])
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -55,6 +58,52 @@ def _disk_status(settings: Settings, account: Account) -> dict[str, Any]:
             "passwords": sum(1 for s in slots if s.type != "master"),
             "master_key_slot": any(s.type == "master" for s in slots),
             "notifications": meta.get("notified") or {}}
+
+
+def _disk_queue(settings: Settings, accounts: list[dict[str, Any]]) -> None:
+    """The queue's index, read as `mailproxy queue list` does: per account, what waits."""
+    from ..queue import admin
+
+    try:
+        stats = admin.stats(settings.queue_dir)
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        for entry in accounts:
+            entry["queue"] = {"error": str(exc)}
+        return
+    now = time.time()
+    for entry in accounts:
+        st = stats.get(entry["account"].casefold())
+        if st is not None:
+            entry["queue"] = {"queued": st.queued, "queued_bytes": st.size,
+                              "oldest_age": now - st.oldest if st.oldest else None,
+                              "last_error": st.last_error}
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 172800:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
+
+
+def _queue_lines(queue: dict[str, Any]) -> list[str]:
+    if queue.get("error"):
+        return [f"  queue: unreadable: {queue['error']}"]
+    line = f"  queue: {queue.get('queued', 0)} message(s)"
+    if queue.get("queued") and queue.get("oldest_age") is not None:
+        line += f", oldest {_age(queue['oldest_age'])} old"
+    if queue.get("delivered") is not None:
+        line += f"; this run {queue['delivered']} delivered, {queue.get('failed', 0)} failed"
+    lines = [line]
+    if queue.get("waiting_for"):
+        lines.append(f"  queue waits: {queue['waiting_for']}")
+    if queue.get("last_error"):
+        lines.append(f"  queue last error: {queue['last_error']}")
+    return lines
 
 
 def _when(value: object) -> str:
@@ -96,4 +145,6 @@ def render_status(report: dict[str, Any]) -> str:
             lines.append(f"  last error: {st['last_error']}")
         for event, at in sorted((st.get("notifications") or {}).items()):
             lines.append(f"  notified: {event.split(':')[0]} at {_when(at)}")
+        if st.get("queue"):
+            lines += _queue_lines(st["queue"])
     return "\n".join(lines)

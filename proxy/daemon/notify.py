@@ -35,7 +35,8 @@ from ..config import NotifySettings
 log = logging.getLogger("mailproxy.notify")
 
 EventName = Literal[
-    "authorization_required", "refresh_failing", "deadline_approaching", "recovered"
+    "authorization_required", "refresh_failing", "deadline_approaching", "recovered",
+    "message_failed",  # the outbound queue gave up on a message (refused for good, expired)
 ]
 
 # Upper bound on the reason passed on (env, JSON, log): provider messages are short; anything

@@ -6,9 +6,10 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import __version__
 from ..admin.host import admin_service
@@ -21,6 +22,10 @@ from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
 from .control import ControlServer
 from .notify import Event, EventName, Notifier, event_key
+
+if TYPE_CHECKING:
+    from ..queue.service import QueueService
+    from ..smtp import SmtpService
 
 log = logging.getLogger("mailproxy")
 
@@ -50,6 +55,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._sessions: set[asyncio.Task[None]] = set()
         self.admin = admin_service(self)
+        self.queue: QueueService | None = None
+        self.smtp: SmtpService | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -62,13 +69,28 @@ class Daemon:
     async def run(self) -> None:
         from ..sessions.imap import imap_session
         from ..sessions.pop3 import pop3_session
-        from ..smtp import SmtpService
 
-        loop = asyncio.get_running_loop()
         listeners: dict[str, tuple[str, Session]] = {
             "imap": (self.settings.imap.listen, imap_session),
             "pop3": (self.settings.pop3.listen, pop3_session),
         }
+        # The queue is recovered (interrupted receptions swept, deliveries in flight back in
+        # the queue) before any client can connect.
+        queue = await self._start_queue()
+        try:
+            await self._serve(listeners, queue)
+        finally:
+            if queue is not None:
+                await queue.aclose()
+        # Let a token request already on the wire finish, so a rotated token is not lost.
+        await self.gate.tokens.aclose()
+        await self.notifier.aclose()
+
+    async def _serve(self, listeners: dict[str, tuple[str, Session]],
+                     queue: QueueService | None) -> None:
+        from ..smtp import SmtpService
+
+        loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as tg:
             for proto, (listen, session) in listeners.items():
                 host, port = parse_hostport(listen)
@@ -77,7 +99,8 @@ class Daemon:
                     reuse_address=True)
                 log.info("%s listening on %s:%d", proto, *self.address(proto))
             # aiosmtpd brings its own protocol class: its connections are drained by the service.
-            smtp = SmtpService(self.gate, self.settings)
+            smtp = SmtpService(self.gate, self.settings, queue)
+            self.smtp = smtp
             self.servers["smtp"] = await smtp.start(
                 *parse_hostport(self.settings.smtp.listen), backlog=LISTEN_BACKLOG)
             log.info("smtp listening on %s:%d", *self.address("smtp"))
@@ -88,20 +111,57 @@ class Daemon:
                 await self.admin.start()
                 admin = tg.create_task(self.admin.serve(), name="admin-page")
             self._report_accounts()
-            refresher = tg.create_task(self.gate.tokens.run(), name="token-refresher")
+            background = [tg.create_task(self.gate.tokens.run(), name="token-refresher"),
+                          tg.create_task(smtp.pool.run(), name="smtp-pool")]
+            if queue is not None:
+                background.append(tg.create_task(queue.run(), name="queue"))
             self.ready.set()
             await self._stop.wait()
             log.info("shutting down")
             for server in self.servers.values():
                 server.close()
-            refresher.cancel()
+            background[0].cancel()
             if admin is not None:
                 admin.cancel()
+            # Sessions first: a message being received into the queue may still get its 250.
             await asyncio.gather(self._drain(), smtp.drain(SHUTDOWN_GRACE),
                                  self.control.aclose())
-        # Let a token request already on the wire finish, so a rotated token is not lost.
-        await self.gate.tokens.aclose()
-        await self.notifier.aclose()
+            for task in background[1:]:
+                task.cancel()
+
+    def _uses_queue(self) -> bool:
+        settings = self.settings
+        return (settings.smtp.delivery == "queue"
+                or any(d.delivery == "queue" for d in settings.devices)
+                or (settings.queue_dir / "index.sqlite").exists())  # messages left to send
+
+    async def _start_queue(self) -> QueueService | None:
+        if not await asyncio.to_thread(self._uses_queue):
+            return None
+        from ..queue.deliver import SmtpDeliverer
+        from ..queue.service import QueueService
+
+        queue = QueueService(self.settings, SmtpDeliverer(self.gate),
+                             notify=self._message_failed,
+                             hostname=socket.gethostname() or "localhost")
+        await queue.start()
+        self.queue = queue
+        recovery = queue.recovery
+        log.info("outbound queue in %s%s", self.settings.queue_dir,
+                 f" ({recovery.requeued} message(s) to send)" if recovery and recovery.requeued
+                 else "")
+        return queue
+
+    async def _message_failed(self, account: Account, reason: str) -> None:
+        """The outbound queue gave up on a message: the `message_failed` notification."""
+        if not self.notifier.enabled:
+            log.info("%s: message_failed (%s); no [notify] hook configured", account.address,
+                     reason)
+            return
+        event = Event(account.address, "message_failed", reason, time.time())
+        results = await self.notifier.send(event)
+        self.sent.setdefault(account.key, []).append(
+            {"event": "message_failed", "at": event.at, "results": results})
 
     async def _on_event(self, account: Account, name: str, reason: str,
                         deadline: float | None) -> None:
@@ -132,6 +192,7 @@ class Daemon:
     async def status_report(self) -> dict[str, Any]:
         """Every account as the token manager knows it: `mailproxy status` and the admin page."""
         accounts = []
+        queued = await self.queue.status() if self.queue is not None else {}
         for account in self.settings.accounts:
             status = self.gate.tokens.status(account.key)
             try:
@@ -143,6 +204,8 @@ class Daemon:
             status["master_key_slot"] = any(s.type == "master" for s in slots)
             status["notifications"] = meta.get("notified") or {}
             status["sent_this_run"] = self.sent.get(account.key, [])
+            if account.key in queued:
+                status["queue"] = queued[account.key]
             accounts.append(status)
         return {"pid": os.getpid(), "version": __version__, "started": self.started,
                 "accounts": accounts}

@@ -4,6 +4,7 @@
 can await the gate, answers MAIL, RCPT, RSET and QUIT with what the session's
 ``transaction.Transaction`` replies, and replaces aiosmtpd's DATA with a streamed one: it
 reads the message (``data.pump``) into the transaction's sink and writes every reply itself.
+A ``[[devices]]`` network may send without AUTH (sessions.py); ``Sessions`` picks the transaction.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any, AnyStr, cast
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from .. import __version__
-from ..config import Account, Settings
-from ..login import Gate, Refusal
+from ..config import Account, Device, Settings
+from ..login import Refusal
 from .data import Outcome, pump
 from .replies import Reply, add_enhanced_codes, format_reply, refusal_reply
-from .transaction import OpenTransaction, Transaction
-from .upstream import DATA_END_TIMEOUT, SmtpUpstreamSession
+from .sessions import Opened, Sessions, SizeHint, device_refusal
+from .transaction import Transaction
+from .upstream import DATA_END_TIMEOUT
 
 log = logging.getLogger("mailproxy.smtp")
 
@@ -53,18 +55,6 @@ class _Session(Session):
         self._login_data = value
 
 
-class SizeHint:
-    """The SIZE advertised before login, when the account (and its server) is not known yet:
-    the last one an upstream announced. Shared by the fronts of one listener."""
-
-    def __init__(self) -> None:
-        self.size = 0
-
-    def learn(self, size: int | None) -> None:
-        if size:
-            self.size = size
-
-
 class SmtpFront(SMTP):
     """aiosmtpd's SMTP with our AUTH (awaiting the gate), streamed DATA and RFC 2034 codes.
 
@@ -78,9 +68,8 @@ class SmtpFront(SMTP):
     AuthLoginUsernameChallenge = "Username:"
     AuthLoginPasswordChallenge = "Password:"
 
-    def __init__(self, settings: Settings, hostname: str, gate: Gate,
-                 open_transaction: OpenTransaction, size_hint: SizeHint,
-                 on_lost: Callable[[SmtpFront], None]) -> None:
+    def __init__(self, settings: Settings, hostname: str, sessions: Sessions,
+                 size_hint: SizeHint, on_lost: Callable[[SmtpFront], None]) -> None:
         super().__init__(
             _Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
             data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
@@ -90,13 +79,13 @@ class SmtpFront(SMTP):
         # aiosmtpd warn on every connection. The listener is meant for loopback.
         self._auth_required = True
         self.settings = settings
-        self.gate = gate
-        self.open_transaction = open_transaction
+        self.sessions = sessions
         self.size_hint = size_hint
         self.on_lost = on_lost
         self.account: Account | None = None
-        # Where this session's mail goes, once logged in.
+        # Where this session's mail goes, once logged in (a device's: at its first MAIL).
         self.transaction: Transaction | None = None
+        self.device: Device | None = None  # its network's device rule, until an AUTH
         self._verbatim = False
         self._deadline = 0.0  # of the idle timer, see _reset_timeout
 
@@ -107,6 +96,34 @@ class SmtpFront(SMTP):
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.device = self.sessions.device_for(str(peer[0]))
+            if self.device is not None:
+                self._auth_required = False  # MAIL without AUTH: the device rule decides
+
+    def _open(self, opened: Opened) -> None:
+        if self.transaction is not None:
+            self.transaction.close()
+        self.account = opened.account
+        self.transaction = opened.transaction
+        self.size_hint.learn(opened.size_limit)
+        self.data_size_limit = (self.settings.smtp.max_message_size or opened.size_limit
+                                or self.size_hint.size or DEFAULT_SIZE)
+
+    async def device_mail(self, device: Device, sender: str) -> Reply | None:
+        """MAIL in a device's session: a refusal, or None (go on with the transaction)."""
+        if not device.allows_sender(sender):
+            return device_refusal(device, sender, self.session.peer if self.session else None)
+        try:
+            if self.transaction is None:
+                self._open(await self.sessions.open_device(device))
+        except Refusal as refusal:
+            return refusal_reply(refusal)
+        return None
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         match = _SIMPLE_PATH.fullmatch(arg.lstrip())
@@ -313,17 +330,12 @@ class SmtpFront(SMTP):
             await self.push("501 5.5.2 User name and password must be UTF-8")
             return AuthResult(success=False, handled=True)
         try:
-            account, upstream = await self.gate.log_in(
-                "smtp", user, password, SmtpUpstreamSession)
+            opened = await self.sessions.log_in(user, password)
         except Refusal as refusal:
             await self.push(refusal_reply(refusal))
             return AuthResult(success=False, handled=True)
-        assert isinstance(upstream, SmtpUpstreamSession)
-        self.account = account
-        self.transaction = self.open_transaction(account, upstream)
-        self.size_hint.learn(upstream.size_limit)
-        self.data_size_limit = (self.settings.smtp.max_message_size or upstream.size_limit
-                                or DEFAULT_SIZE)
+        self.device = None  # logged in: the account's own rules from here on
+        self._open(opened)
         return AuthResult(success=True, handled=False,
                           message="235 2.7.0 Authentication successful")
 
@@ -348,6 +360,10 @@ class _Hooks:
 
     async def handle_MAIL(self, server: SmtpFront, session: Session, envelope: Envelope,
                           address: str, options: list[str]) -> str:
+        if server.device is not None:
+            refused = await server.device_mail(server.device, address)
+            if refused is not None:
+                return refused
         if server.transaction is None:
             return "530 5.7.0 Authentication required"
         reply = await server.transaction.mail(address, options)

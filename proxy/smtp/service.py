@@ -1,35 +1,97 @@
-"""The daemon's SMTP listener: one ``SmtpFront`` per connection, the transaction each
-logged-in session gets (``Relay`` to its upstream), and draining them at shutdown."""
+"""The daemon's SMTP listener: one ``SmtpFront`` per connection, the transaction each session
+gets (``Relay`` to its upstream, or the outbound queue: ``[smtp] delivery`` and the device
+rules decide), the pool of logged-in upstream sessions, and draining at shutdown."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import time
+from typing import TYPE_CHECKING
 
-from ..config import Account, Settings
-from ..login import Gate
-from .front import SizeHint, SmtpFront
-from .transaction import Relay, Transaction
+from ..config import Account, Delivery, Device, Settings
+from ..login import Gate, Refusal
+from .front import DEFAULT_SIZE, SmtpFront
+from .pool import SessionPool
+from .sessions import Opened, SizeHint
+from .transaction import Relay
 from .upstream import SmtpUpstreamSession
+
+if TYPE_CHECKING:
+    from ..queue.service import QueueService
+
+log = logging.getLogger("mailproxy.smtp")
 
 
 class SmtpService:
-    """The SMTP listener of the daemon and the connections it has open."""
+    """The SMTP listener of the daemon and the connections it has open; ``front.Sessions``."""
 
-    def __init__(self, gate: Gate, settings: Settings) -> None:
+    def __init__(self, gate: Gate, settings: Settings,
+                 queue: QueueService | None = None) -> None:
         self.gate = gate
         self.settings = settings
+        self.queue = queue
         self.hostname = socket.gethostname() or "localhost"
         self.fronts: set[SmtpFront] = set()
         self.size_hint = SizeHint()
+        self.pool: SessionPool[SmtpUpstreamSession] = SessionPool(
+            idle_timeout=settings.smtp.upstream_pool_idle)
 
-    def open_transaction(self, account: Account, upstream: SmtpUpstreamSession) -> Transaction:
-        """Where a session's mail goes once it logged in (``transaction.OpenTransaction``)."""
-        return Relay(account, upstream, self.gate, self.settings)
+    # -- front.Sessions ------------------------------------------------------------------
+
+    async def log_in(self, user: str, password: str) -> Opened:
+        started = time.monotonic()
+        try:
+            account = await self.gate.check_password(user, password)
+            opened = await self._open(account, self.settings.smtp.delivery)
+        except Refusal as refusal:
+            log.warning("smtp login for %r refused: %s", user, refusal.text)
+            raise
+        log.info("smtp login for %s (%s) in %.1f ms", account.address,
+                 self.settings.smtp.delivery, (time.monotonic() - started) * 1000)
+        return opened
+
+    def device_for(self, host: str) -> Device | None:
+        return self.settings.device_for(host)
+
+    async def open_device(self, device: Device) -> Opened:
+        account = self.settings.account(device.account)
+        assert account is not None  # the configuration checks it
+        try:
+            opened = await self._open(account, device.delivery)
+        except Refusal as refusal:
+            log.warning("smtp: device %r cannot send as %s: %s", device.name, account.address,
+                        refusal.text)
+            raise
+        log.info("smtp: device %r sends as %s (%s)", device.name, account.address,
+                 device.delivery)
+        return opened
+
+    async def _open(self, account: Account, delivery: Delivery) -> Opened:
+        if account.server("smtp") is None:
+            raise Refusal("rejected", f"account {account.address} has no smtp_server "
+                          "configured")
+        if delivery == "queue":
+            from ..queue.transaction import QueueTransaction
+
+            if self.queue is None:
+                raise Refusal("unavailable", "the outbound queue is not running; try again "
+                              "later")
+            return Opened(account, QueueTransaction(account, self.queue),
+                          self.size_hint.size or DEFAULT_SIZE)
+        upstream = self.pool.take(account.key)
+        if upstream is None:
+            upstream = SmtpUpstreamSession(account)
+            await self.gate.relogin(account, upstream)
+        return Opened(account, Relay(account, upstream, self.gate, self.settings, self.pool),
+                      upstream.size_limit)
+
+    # -- the listener --------------------------------------------------------------------
 
     def _make(self) -> SmtpFront:
-        front = SmtpFront(self.settings, self.hostname, self.gate, self.open_transaction,
-                          self.size_hint, self.fronts.discard)
+        front = SmtpFront(self.settings, self.hostname, self, self.size_hint,
+                          self.fronts.discard)
         self.fronts.add(front)
         return front
 
@@ -50,3 +112,4 @@ class SmtpService:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        self.pool.close()

@@ -30,6 +30,7 @@ from aiosmtplib import SMTPResponse
 from ..config import Account, Settings
 from ..login import Gate, Refusal
 from .data import Sink
+from .pool import SessionPool
 from .replies import Reply, format_reply, refusal_reply
 from .upstream import SmtpUpstreamSession, UpstreamGone, one_line
 
@@ -136,7 +137,12 @@ class Relay:
     """``Transaction`` relayed one to one to the account's upstream server."""
 
     def __init__(self, account: Account, upstream: SmtpUpstreamSession, gate: Gate,
-                 settings: Settings) -> None:
+                 settings: Settings, pool: SessionPool[SmtpUpstreamSession] | None = None
+                 ) -> None:
+        """``pool``: where the upstream session goes when the client is done with it and it
+        is idle (logged in, no transaction open), for the account's next client."""
+        self.pool = pool
+        self.released = False
         self.account = account
         self.upstream = upstream
         self.gate = gate
@@ -159,7 +165,17 @@ class Relay:
         return self.settings.smtp.strict_one_to_one
 
     def close(self) -> None:
-        self.upstream.close()
+        if not self.released:
+            self._release()
+
+    def _release(self) -> None:
+        """Hand the upstream session to the pool if it is idle and logged in, else close it."""
+        self.released = True
+        idle = not (self.in_transaction or self.pending_mail or self.broken)
+        if self.pool is not None and idle and self.upstream.connected:
+            self.pool.give(self.account.key, self.upstream)
+        else:
+            self.upstream.close()
 
     def _lost(self, reason: str) -> Reply:
         log.warning("smtp: connection to %s lost during a transaction: %s", self.description,
@@ -342,4 +358,9 @@ class Relay:
             await self.reset()
 
     async def quit(self) -> None:
+        if self.pool is not None:
+            if self.pending_mail is not None or self.in_transaction:
+                await self.reset()
+            self._release()  # logged in and idle: kept for the next client
+            return
         await self.upstream.quit()

@@ -1,7 +1,8 @@
 """A TCP relay the test can cut: put it between the proxy and a real server to simulate the
 server (or the network) dying at a chosen moment. Runs on the test's event loop.
 
-``cut()`` aborts every connection through it now; ``cut_after(n)`` lets ``n`` more bytes
+``cut()`` aborts every connection through it now; ``refusing = True`` aborts new ones as
+they come (the server is down) until set back; ``cut_after(n)`` lets ``n`` more bytes
 go from client to server, then aborts (TLS passes through untouched, so a byte count is what
 the test can see: with a large message, the server has part of it and never its end).
 """
@@ -22,6 +23,7 @@ class Cutter:
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._budget: int | None = None
+        self.refusing = False
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, 0)
@@ -46,6 +48,9 @@ class Cutter:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        if self.refusing:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.config import Account, Settings
-from proxy.login import Gate, Refusal
-from proxy.smtp.front import SizeHint, SmtpFront
+from proxy.config import Account, Device, Settings
+from proxy.login import Refusal
+from proxy.smtp.front import SmtpFront
 from proxy.smtp.replies import Reply, format_reply
-from proxy.smtp.transaction import DataStart, Transaction
+from proxy.smtp.sessions import Opened, SizeHint
+from proxy.smtp.transaction import DataStart
 from proxy.smtp.upstream import SmtpUpstreamSession
 
 ACCOUNT = Account(address="a@example.test", provider="custom", client_id="x",
@@ -23,14 +23,25 @@ ACCOUNT = Account(address="a@example.test", provider="custom", client_id="x",
                   smtp_server="smtp.example:587", scopes=[])
 
 
-class FakeGate:
-    """Checks the local password only: the upstream session is made but never connected."""
+class FakeSessions:
+    """``front.Sessions`` that checks the local password only and gives the in-memory
+    destination; an upstream session is made (as the relay's would be) but never connected."""
 
-    async def log_in(self, proto: str, username: str, password: str,
-                     make_upstream: Callable[[Account], Any]) -> tuple[Account, Any]:
+    def __init__(self, kept: Kept, upstreams: list[SmtpUpstreamSession]) -> None:
+        self.kept = kept
+        self.upstreams = upstreams
+
+    async def log_in(self, user: str, password: str) -> Opened:
         if password != "local secret":
             raise Refusal("credentials", "wrong password")
-        return ACCOUNT, make_upstream(ACCOUNT)
+        self.upstreams.append(SmtpUpstreamSession(ACCOUNT))
+        return Opened(ACCOUNT, self.kept)
+
+    def device_for(self, host: str) -> Device | None:
+        return None
+
+    async def open_device(self, device: Device) -> Opened:
+        raise AssertionError("no devices here")
 
 
 class Kept:
@@ -118,13 +129,9 @@ async def served() -> AsyncIterator[tuple[Client, Kept, list[SmtpUpstreamSession
     upstreams: list[SmtpUpstreamSession] = []
     fronts: set[SmtpFront] = set()
 
-    def open_transaction(account: Account, upstream: SmtpUpstreamSession) -> Transaction:
-        upstreams.append(upstream)
-        return kept
-
     def make() -> SmtpFront:
-        front = SmtpFront(settings, "proxy.test", cast(Gate, FakeGate()), open_transaction,
-                          SizeHint(), fronts.discard)
+        front = SmtpFront(settings, "proxy.test", FakeSessions(kept, upstreams), SizeHint(),
+                          fronts.discard)
         fronts.add(front)
         return front
 
