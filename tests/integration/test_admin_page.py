@@ -82,10 +82,10 @@ def daemon(config: Path, admin_port: int, log: Path) -> Iterator[subprocess.Pope
 
 
 def screenshot(page: Any, path: Path) -> None:
-    """A test artifact; also copied to $MAILPROXY_TEST_ARTIFACTS when set (pytest's own
+    """A test artifact; also copied to $TEST_ARTIFACTS_DIR when set (pytest's own
     temporary directories are pruned after a few runs)."""
     page.save_screenshot(str(path))
-    keep = os.environ.get("MAILPROXY_TEST_ARTIFACTS")
+    keep = os.environ.get("TEST_ARTIFACTS_DIR")
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
         shutil.copy(path, Path(keep) / path.name)
