@@ -116,9 +116,10 @@ class Gate:
             raise Refusal("unavailable", f"cannot reach {upstream.description}: {exc}; "
                           "try again later") from None
         finally:
-            if not connecting.done():
-                connecting.cancel()
-                await asyncio.gather(connecting, return_exceptions=True)
+            # Also when the token failed first: a connect that failed meanwhile is retrieved
+            # here, not reported later as "Task exception was never retrieved".
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
         rejection = await upstream.authenticate(token.value)
         if rejection is not None and not rejection.temporary and not token.fresh:
             # The server refused a token we thought valid (revoked, clock skew): refresh once.

@@ -8,6 +8,7 @@ import logging
 from ..config import Settings
 from ..daemon.control import ControlError
 from ..daemon.server import serve
+from ..daemon.startup import EXIT_CONFIG, StartupError
 from ..tokens.keys import MasterKeyError
 from .common import EXIT_OK, CliError
 
@@ -22,8 +23,10 @@ def run(settings: Settings, defaults: bool) -> int:
         log.warning("no accounts configured: every login will be refused")
     try:
         asyncio.run(serve(settings))
+    except StartupError as exc:
+        raise CliError(f"cannot start: {exc}", exc.code) from None
     except (MasterKeyError, ControlError) as exc:
-        raise CliError(f"cannot start: {exc}") from None
+        raise CliError(f"cannot start: {exc}", EXIT_CONFIG) from None
     except OSError as exc:
         raise CliError(f"cannot start: {exc}") from None
     return EXIT_OK

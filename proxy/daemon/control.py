@@ -71,8 +71,13 @@ def _check_path_length(path: Path) -> None:
                            "control_socket to a shorter path")
 
 
+class AlreadyRunning(ControlError):
+    """Another daemon holds this status socket (and its state directory)."""
+
+
 def _already_running(path: Path) -> ControlError:
-    return ControlError(f"another mailproxy daemon is already running (status socket {path})")
+    return AlreadyRunning(f"another mailproxy daemon is already running (status socket "
+                          f"{path}); stop it first, or give this one its own state_dir")
 
 
 class ControlServer:

@@ -17,8 +17,9 @@ from ..net import Conn
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
-from .control import ControlServer
+from .control import AlreadyRunning, ControlError, ControlServer
 from .notify import Event, EventName, Notifier, event_key
+from .startup import EXIT_CONFIG, EXIT_CONFLICT, StartupError, bind_error, check_state_dir
 
 log = logging.getLogger("mailproxy")
 
@@ -65,20 +66,40 @@ class Daemon:
             "imap": (self.settings.imap.listen, imap_session),
             "pop3": (self.settings.pop3.listen, pop3_session),
         }
-        async with asyncio.TaskGroup() as tg:
+        # The single-instance lock (with the status socket) before binding anything: a second
+        # daemon on this state directory stops here, not after "listening" on other ports.
+        await asyncio.to_thread(check_state_dir, self.settings.state_dir)
+        try:
+            await self.control.start()
+        except AlreadyRunning as exc:
+            raise StartupError(str(exc), EXIT_CONFLICT) from None
+        except ControlError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from None
+        smtp = SmtpService(self.gate, self.settings)
+        try:
             for proto, (listen, session) in listeners.items():
                 host, port = parse_hostport(listen)
-                self.servers[proto] = await loop.create_server(
-                    self._factory(proto, session), host, port, backlog=LISTEN_BACKLOG,
-                    reuse_address=True)
-                log.info("%s listening on %s:%d", proto, *self.address(proto))
+                try:
+                    self.servers[proto] = await loop.create_server(
+                        self._factory(proto, session), host, port, backlog=LISTEN_BACKLOG,
+                        reuse_address=True)
+                except OSError as exc:
+                    raise bind_error(proto, host, port, exc) from None
             # aiosmtpd brings its own protocol class: its connections are drained by the service.
-            smtp = SmtpService(self.gate, self.settings)
-            self.servers["smtp"] = await smtp.start(
-                *parse_hostport(self.settings.smtp.listen), backlog=LISTEN_BACKLOG)
-            log.info("smtp listening on %s:%d", *self.address("smtp"))
+            host, port = parse_hostport(self.settings.smtp.listen)
+            try:
+                self.servers["smtp"] = await smtp.start(host, port, backlog=LISTEN_BACKLOG)
+            except OSError as exc:
+                raise bind_error("smtp", host, port, exc) from None
+        except BaseException:
+            for server in self.servers.values():
+                server.close()
+            await self.control.aclose()
+            raise
+        async with asyncio.TaskGroup() as tg:
+            for proto in self.servers:
+                log.info("%s listening on %s:%d", proto, *self.address(proto))
             await asyncio.to_thread(self._open_vaults)
-            await self.control.start()
             self._report_accounts()
             refresher = tg.create_task(self.gate.tokens.run(), name="token-refresher")
             self.ready.set()
