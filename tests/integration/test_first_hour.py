@@ -1,0 +1,144 @@
+"""The first hour (issue 10): the CLI as a separate process meeting ordinary mistakes; each
+one ends in one sentence on stderr and a documented exit code, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.clirun import ROOT, mailproxy
+from tests.support.servers import free_port
+
+ACCOUNT = "someone@example.test"
+
+
+def plain_config(directory: Path, *, imap: str | None = None, pop3: str | None = None,
+                 top: str = "", account: str = "") -> Path:
+    """A config with free loopback ports and one account (never contacted unless a test
+    logs in); ``top`` goes before the first table, ``account`` into the account's table."""
+    path = directory / "config.toml"
+    path.write_text(f"""
+state_dir = "{directory / 'state'}"
+{top}
+[imap]
+listen = "{imap or f'127.0.0.1:{free_port()}'}"
+[pop3]
+listen = "{pop3 or f'127.0.0.1:{free_port()}'}"
+[smtp]
+listen = "127.0.0.1:{free_port()}"
+[[accounts]]
+address = "{ACCOUNT}"
+provider = "custom"
+client_id = "id"
+client_secret = "secret"
+token_url = "https://127.0.0.1:9/token"
+scopes = ["mail"]
+imap_server = "127.0.0.1:9"
+{account}
+""")
+    return path
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return plain_config(tmp_path)
+
+
+def test_config_before_and_after_the_command(config: Path) -> None:
+    for args in (["--config", str(config), "status"], ["status", "--config", str(config)]):
+        result = mailproxy(*args, env={k: v for k, v in os.environ.items()
+                                       if not k.startswith("MAILPROXY_")})
+        assert ACCOUNT in result.stdout, (args, result.stdout, result.stderr)
+        assert "no accounts configured" not in result.stdout
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_port_in_use(tmp_path: Path, busy_port: int) -> None:
+    config = plain_config(tmp_path, pop3=f"127.0.0.1:{busy_port}")
+    result = mailproxy("run", "--config", str(config))
+    line = one_line(result.stderr)
+    assert result.returncode == 3
+    assert f"pop3 listener 127.0.0.1:{busy_port}" in line and "already in use" in line
+
+
+@pytest.mark.parametrize(("listen", "words"), [
+    ("192.0.2.1:2000", "no network interface of this machine has the address 192.0.2.1"),
+    ("no-such-host.invalid:2000", "cannot be resolved"),
+])
+def test_unbindable_listen_address(tmp_path: Path, listen: str, words: str) -> None:
+    result = mailproxy("run", "--config", str(plain_config(tmp_path, imap=listen)))
+    line = one_line(result.stderr)
+    assert result.returncode == 2
+    assert f"imap listener {listen}" in line and words in line, line
+
+
+def test_privileged_port_without_the_right(tmp_path: Path) -> None:
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        if os.environ.get("CI"):
+            pytest.fail("needs root and setpriv (CI is set)")
+        pytest.skip("needs root and setpriv")
+    # Root without CAP_NET_BIND_SERVICE in its bounding set: as an unprivileged user would be.
+    result = subprocess.run(
+        [setpriv, "--bounding-set", "-net_bind_service", sys.executable, "-m", "proxy", "run",
+         "--config", str(plain_config(tmp_path, pop3="127.0.0.1:110"))],
+        capture_output=True, text=True, cwd=ROOT, timeout=60)
+    line = one_line(result.stderr)
+    assert result.returncode == 2
+    assert "pop3 listener 127.0.0.1:110" in line and "CAP_NET_BIND_SERVICE" in line, line
+
+
+def test_unusable_state_dir(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = mailproxy("run", "--config", str(plain_config(tmp_path)),
+                       env={**os.environ, "MAILPROXY_STATE_DIR": str(tmp_path / "file" / "x")})
+    line = one_line(result.stderr)
+    assert result.returncode == 2
+    assert "state directory" in line and str(tmp_path / "file" / "x") in line, line
+
+
+async def test_second_daemon_on_the_same_state_dir_binds_nothing(tmp_path: Path) -> None:
+    first = plain_config(tmp_path)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(first), cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        while b"listening" not in await asyncio.wait_for(proc.stderr.readline(), 30):
+            pass
+        # Other ports, same state directory.
+        second_dir = tmp_path / "second"
+        second_dir.mkdir()
+        second = plain_config(second_dir, top=f'state_dir = "{tmp_path / "state"}"')
+        second.write_text(second.read_text().replace(
+            f'state_dir = "{second_dir / "state"}"\n', "", 1))
+        result = await asyncio.to_thread(mailproxy, "run", "--config", str(second))
+        line = one_line(result.stderr)
+        assert result.returncode == 3
+        assert "another mailproxy daemon is already running" in line, line
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
