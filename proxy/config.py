@@ -310,6 +310,8 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(default_factory=_default_state_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "text" (one readable line an event) or "json" (one object a line, for log collectors).
+    log_format: Literal["text", "json"] = "text"
     imap: ImapListener = ImapListener()
     pop3: Pop3Listener = Pop3Listener()
     smtp: SmtpListener = SmtpListener()
@@ -324,6 +326,11 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _unique(self) -> Settings:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from . import logs
 from .config import Account, Settings
 from .tokens.errors import AuthorizationRequired, TokenError
 from .tokens.manager import AccessToken, TokenManager
@@ -87,6 +88,7 @@ class Gate:
         except Refusal as refusal:
             log.warning("%s login refused for %r: %s", proto, username, refusal.text)
             raise
+        logs.account.set(account.address)  # on the session's lines from here on
         upstream = make_upstream(account)
         try:
             await self.relogin(account, upstream)

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
+from .. import logs
 from ..config import ConfigError, load_config
 from .common import EXIT_USAGE, CliError, find_account
 from .parser import build_parser
@@ -20,8 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mailproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(settings.log_level, settings.log_format)
     # Each command's module is imported when that command runs (not to dodge a cycle: none of
     # them imports this package): `status` and `password` then start without loading the
     # daemon with aiosmtpd, the authorization flows or the token manager.

@@ -76,8 +76,7 @@ class AlreadyRunning(ControlError):
 
 
 def _already_running(path: Path) -> ControlError:
-    return AlreadyRunning(f"another mailproxy daemon is already running (status socket "
-                          f"{path}); stop it first, or give this one its own state_dir")
+    return AlreadyRunning(f"another mailproxy daemon is already running (status socket {path})")
 
 
 class ControlServer:

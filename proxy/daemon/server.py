@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from .. import __version__
+from .. import __version__, logs
 from ..config import Account, Settings, parse_hostport
 from ..login import Gate, authorize_hint
 from ..net import Conn
@@ -22,6 +22,7 @@ from .notify import Event, EventName, Notifier, event_key
 from .startup import EXIT_CONFIG, EXIT_CONFLICT, StartupError, bind_error, check_state_dir
 
 log = logging.getLogger("mailproxy")
+session_log = logging.getLogger("mailproxy.session")
 
 LISTEN_BACKLOG = 4096
 SHUTDOWN_GRACE = 5.0
@@ -72,7 +73,8 @@ class Daemon:
         try:
             await self.control.start()
         except AlreadyRunning as exc:
-            raise StartupError(str(exc), EXIT_CONFLICT) from None
+            raise StartupError(f"{exc}; stop it first, or give this one its own state_dir",
+                               EXIT_CONFLICT) from None
         except ControlError as exc:
             raise StartupError(str(exc), EXIT_CONFIG) from None
         smtp = SmtpService(self.gate, self.settings)
@@ -197,6 +199,11 @@ class Daemon:
     async def _guard(self, proto: str, session: Session, conn: Conn) -> None:
         # The protocol factory runs before the transport is attached.
         await conn.connected
+        assert conn.transport is not None
+        # This task's context: every line the session logs carries its peer and id.
+        logs.begin_session(proto, conn.transport.get_extra_info("peername"))
+        started = time.monotonic()
+        session_log.debug("session started")
         try:
             await session(self.gate, self.settings, conn)
         except asyncio.CancelledError:
@@ -206,7 +213,9 @@ class Daemon:
             log.exception("%s session failed", proto)
             conn.abort()
         finally:
+            counts = conn.counts or logs.tcp_counts(conn.transport)
             conn.close()
+            logs.log_session_end(session_log, started, counts)
 
     async def _drain(self) -> None:
         """Give open sessions a moment to finish, then cut them off."""

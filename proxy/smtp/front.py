@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
-from .. import __version__
+from .. import __version__, logs
 from ..config import Account, Settings
 from ..login import Gate, Refusal
 from .data import Outcome, pump
@@ -27,6 +29,7 @@ from .transaction import OpenTransaction, Transaction
 from .upstream import DATA_END_TIMEOUT, SmtpUpstreamSession
 
 log = logging.getLogger("mailproxy.smtp")
+session_log = logging.getLogger("mailproxy.session")
 
 # Without a configured limit and before any upstream told us its SIZE.
 DEFAULT_SIZE = 35 * 1024 * 1024
@@ -99,6 +102,8 @@ class SmtpFront(SMTP):
         self.transaction: Transaction | None = None
         self._verbatim = False
         self._deadline = 0.0  # of the idle timer, see _reset_timeout
+        self._log_context: contextvars.Context | None = None
+        self._started = 0.0
 
     @property
     def session_task(self) -> asyncio.Task[None] | None:
@@ -221,7 +226,18 @@ class SmtpFront(SMTP):
         # Never anything that could read as success: the client keeps the message and retries.
         return "451 4.3.0 Internal error in mailproxy; please try again"
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._log_context is None:  # not again after STARTTLS
+            # Set before aiosmtpd creates the session's task, which copies this context.
+            logs.begin_session("smtp", transport.get_extra_info("peername"))
+            self._log_context = contextvars.copy_context()
+            self._started = time.monotonic()
+        super().connection_made(transport)
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._log_context is not None:
+            self._log_context.run(logs.log_session_end, session_log, self._started,
+                                  logs.tcp_counts(self.transport))
         super().connection_lost(error)
         if self.transaction is not None:
             self.transaction.close()
