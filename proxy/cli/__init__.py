@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import Sequence
 
 from .. import logs
-from ..config import ConfigError, load_config
+from ..config import ConfigError, load_config, unknown_env_variables
 from .common import EXIT_USAGE, CliError, find_account
 from .parser import build_parser
 
@@ -21,6 +22,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mailproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     logs.setup(settings.log_level, settings.log_format)
+    for name in unknown_env_variables(settings):
+        logging.getLogger("mailproxy").warning(
+            "environment variable %s sets nothing (misspelt? settings are MAILPROXY_<KEY> or "
+            "MAILPROXY_<SECTION>__<KEY>, e.g. MAILPROXY_IMAP__LISTEN)", name)
     # Each command's module is imported when that command runs (not to dodge a cycle: none of
     # them imports this package): `status` and `password` then start without loading the
     # daemon with aiosmtpd, the authorization flows or the token manager.
@@ -28,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             from .run import run
 
-            return run(settings, path is None)
+            return run(settings, path)
         if args.command == "status":
             from .status import status
 

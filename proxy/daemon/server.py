@@ -8,10 +8,11 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, cast
 
 from .. import __version__, logs
-from ..config import Account, Settings, parse_hostport
+from ..config import Account, Settings, is_loopback_host, parse_hostport
 from ..login import Gate, authorize_hint
 from ..net import Conn
 from ..tokens.keys import load_master_key
@@ -31,8 +32,10 @@ Session = Callable[[Gate, Settings, Conn], Awaitable[None]]
 
 
 class Daemon:
-    def __init__(self, settings: Settings, gate: Gate | None = None) -> None:
+    def __init__(self, settings: Settings, gate: Gate | None = None,
+                 config_path: Path | None = None) -> None:
         self.settings = settings
+        self.config_path = config_path
         if gate is None:
             gate = make_gate(settings)
         self.gate = gate
@@ -98,9 +101,8 @@ class Daemon:
                 server.close()
             await self.control.aclose()
             raise
+        self._banner()
         async with asyncio.TaskGroup() as tg:
-            for proto in self.servers:
-                log.info("%s listening on %s:%d", proto, *self.address(proto))
             await asyncio.to_thread(self._open_vaults)
             self._report_accounts()
             refresher = tg.create_task(self.gate.tokens.run(), name="token-refresher")
@@ -170,6 +172,23 @@ class Daemon:
             except (OSError, ValueError) as exc:
                 log.error("account %s: token vault unusable: %s", account.address, exc)
 
+    def _banner(self) -> None:
+        """What a person checks first in a log: which build, which files, which listeners."""
+        log.info("mailproxy %s starting: configuration %s, state directory %s", __version__,
+                 self.config_path or "(none: built-in defaults)", self.settings.state_dir)
+        for proto in self.servers:
+            host, port = self.address(proto)
+            log.info("%s listening on %s:%d", proto, host, port)
+            if not is_loopback_host(host):
+                log.warning("%s listens on %s, not on loopback: clients send their local "
+                            "password there in plain text; keep it on 127.0.0.1 unless a "
+                            "firewall or a container keeps others out", proto, host)
+        for account in self.settings.accounts:
+            protocols = ", ".join(f"{p} via {s.host}:{s.port}" for p in ("imap", "pop3", "smtp")
+                                  if (s := account.server(p)) is not None)
+            log.info("account %s (%s, flow %s): %s", account.address, account.provider,
+                     account.flow, protocols or "no upstream servers")
+
     def _report_accounts(self) -> None:
         """Say at start-up what each account still needs, before a client finds out."""
         vault = self.gate.vault
@@ -180,8 +199,16 @@ class Daemon:
                 continue
             status = self.gate.tokens.status(account.key)
             if status["locked"]:
-                log.info("account %s: token vault locked until the first client login",
-                         account.address)
+                try:  # the reason is kept outside the encryption: known while locked
+                    reason = vault.meta(account.key).get("needs_authorization")
+                except (OSError, ValueError):
+                    reason = None
+                if reason:
+                    log.warning("account %s is not authorized (%s): %s", account.address,
+                                reason, authorize_hint(account))
+                else:
+                    log.info("account %s: token vault locked until the first client login",
+                             account.address)
             elif not status["authorized"]:
                 log.warning("account %s is not authorized (%s): %s", account.address,
                             status["needs_authorization"], authorize_hint(account))
@@ -237,8 +264,8 @@ def make_gate(settings: Settings) -> Gate:
     return Gate(settings, vault, tokens)
 
 
-async def serve(settings: Settings) -> None:
-    daemon = Daemon(settings)
+async def serve(settings: Settings, config_path: Path | None = None) -> None:
+    daemon = Daemon(settings, config_path=config_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
