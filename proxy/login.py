@@ -72,7 +72,14 @@ class Gate:
             raise Refusal("authorization", f"account {account.address} is not authorized yet: "
                           f"{authorize_hint(account)}")
         was_open = self.vault.is_open(key)
-        if not await self.vault.unlock(key, password):
+        try:
+            unlocked = await self.vault.unlock(key, password)
+        except OSError as exc:  # e.g. a vault written by root for a daemon running as a user
+            log.error("the token vault of %s cannot be read: %s", account.address, exc)
+            raise Refusal("unavailable", f"the token vault of {account.address} cannot be read "
+                          "by mailproxy; ask its administrator (the daemon's log says why)"
+                          ) from None
+        if not unlocked:
             raise Refusal("credentials", "Invalid credentials")
         if not was_open:
             log.info("token vault of %s opened by a client login", account.address)
@@ -86,7 +93,9 @@ class Gate:
         try:
             account = await self.check_password(username, password)
         except Refusal as refusal:
-            log.warning("%s login refused for %r: %s", proto, username, refusal.text)
+            # "(credentials)": a wrong password or an unknown user, what fail2ban counts.
+            log.warning("%s login refused for %r (%s): %s", proto, username, refusal.kind,
+                        refusal.text)
             raise
         logs.account.set(account.address)  # on the session's lines from here on
         upstream = make_upstream(account)

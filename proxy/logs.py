@@ -103,12 +103,16 @@ def tcp_counts(transport: Any) -> tuple[int, int] | None:
     """(bytes received from the peer, bytes sent and acknowledged) of a TCP transport, from
     the kernel once at the end of a session, so relaying needs no counting; None if unknown."""
     tcp_info = getattr(socket, "TCP_INFO", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if tcp_info is None or sock is None or sock.fileno() < 0:
+    if tcp_info is None or transport is None:
         return None
     try:
+        # A TLS transport that is being torn down has no socket to ask any more.
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.fileno() < 0 or sock.family not in (socket.AF_INET,
+                                                                    socket.AF_INET6):
+            return None
         raw = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 256)
-    except OSError:
+    except (OSError, AttributeError):
         return None
     end = _TCP_INFO_OFFSET + _TCP_INFO_BYTES.size
     if len(raw) < end:

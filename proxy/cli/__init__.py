@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from .. import logs
 from ..config import ConfigError, load_config, unknown_env_variables
-from .common import EXIT_USAGE, CliError, find_account
+from .common import EXIT_FAIL, EXIT_USAGE, CliError, find_account, permission_denied
 from .parser import build_parser
 
 
@@ -53,5 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"mailproxy: {exc}", file=sys.stderr)
         return exc.code
+    except PermissionError as exc:
+        print(f"mailproxy: {permission_denied(settings, exc)}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

@@ -12,7 +12,7 @@ from .common import EXIT_OK, EXIT_USAGE, CliError, need, open_existing, open_vau
 
 
 def password(settings: Settings, account: Account, args: argparse.Namespace) -> int:
-    vault = open_vault(settings)
+    vault = open_vault(settings, write=args.action != "list")
     key, address = account.key, account.address
     try:
         if args.action == "list":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 from ..config import Account, Settings
 from ..daemon.control import ControlError, query_sync
 from ..vault import Vault
-from .common import CliError
+from .common import CliError, owner_of
 
 # Exit codes of `mailproxy status` (README "Exit status"), for scripts and health checks.
 STATUS_OK, STATUS_ATTENTION, STATUS_NO_DAEMON = 0, 1, 3
@@ -36,7 +35,7 @@ def status(settings: Settings, *, as_json: bool) -> int:
             # Typically root asking a daemon that answers its own user only.
             report["daemon"] = f"running, but it did not answer uid {os.geteuid()}: " \
                 f"{(reply or {}).get('error')}; run `mailproxy status` as " \
-                f"{owner_of(settings.state_dir)} for its live state"
+                f"{_owner(settings.state_dir)} for its live state"
     for st in report["accounts"]:
         if not st.get("authorized"):
             st["reason"] = explain(st.get("needs_authorization"), st["account"])
@@ -62,16 +61,9 @@ def explain(reason: object, address: str) -> str:
     return f"{text}: {fix}"
 
 
-def owner_of(path: Path) -> str:
-    """The user owning ``path`` (the daemon's user), by name where it has one."""
-    try:
-        uid = path.stat().st_uid
-    except OSError:
-        return "the daemon's user"
-    try:
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except KeyError:
-        return f"uid {uid}"
+def _owner(path: Path) -> str:
+    owner = owner_of(path)
+    return owner[1] if owner else "the daemon's user"
 
 
 def _disk_status(settings: Settings, account: Account) -> dict[str, Any]:

@@ -37,7 +37,9 @@ async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
                        login_timeout: float,
                        make_upstream: Callable[[Account], UpstreamSession],
                        reply_for: Callable[[Refusal], str]) -> None:
-    client.write(core.greeting())
+    greeting = core.greeting()
+    log.debug("S: %s", greeting[:200].decode("utf-8", "replace").rstrip())
+    client.write(greeting)
     while True:
         try:
             async with asyncio.timeout(login_timeout):
