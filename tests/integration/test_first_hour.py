@@ -142,3 +142,132 @@ async def test_second_daemon_on_the_same_state_dir_binds_nothing(tmp_path: Path)
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), 20)
+
+
+def _no_mailproxy_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MAILPROXY_")}
+
+
+async def test_status_exit_codes(tmp_path: Path) -> None:
+    config = plain_config(tmp_path)
+    env = _no_mailproxy_env()
+    result = await asyncio.to_thread(mailproxy, "status", "--config", str(config), env=env)
+    assert result.returncode == 3, result  # no daemon
+    assert f"NOT AUTHORIZED: not authorized yet: run `mailproxy authorize {ACCOUNT}`" \
+        in result.stdout
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(config), cwd=ROOT, env=env,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        while b"listening" not in await asyncio.wait_for(proc.stderr.readline(), 30):
+            pass
+        result = await asyncio.to_thread(mailproxy, "status", "--config", str(config), env=env)
+        assert result.returncode == 1, result  # needs attention: not authorized
+        assert result.stdout.startswith("daemon running")
+        done = await asyncio.to_thread(mailproxy, "token", "import", ACCOUNT, "--no-verify",
+                                       "--config", str(config), stdin="rt\nlocal pw\n", env=env)
+        assert done.returncode == 0, done.stderr
+        result = await asyncio.to_thread(mailproxy, "status", "--config", str(config), env=env)
+        assert result.returncode == 0, result  # all good
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 20)
+
+
+def test_environment_mistakes(config: Path) -> None:
+    env = _no_mailproxy_env()
+    result = mailproxy("status", "--config", str(config),
+                       env={**env, "MAILPROXY_IMAP__LISTEN": "abc"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert str(config) not in result.stderr  # the file is not to blame
+    assert "imap.listen: expected 'host:port', got 'abc' (set by the environment variable " \
+        "MAILPROXY_IMAP__LISTEN)" in result.stderr
+    result = mailproxy("status", "--config", str(config),
+                       env={**env, "MAILPROXY_LOG_LEVEL": "INFO"})
+    assert result.returncode == 3 and result.stderr == "", result.stderr
+    result = mailproxy("status", "--config", str(config),
+                       env={**env, "MAILPROXY_IMAP_LISTEN": "x"})
+    line = one_line(result.stderr)
+    assert "environment variable MAILPROXY_IMAP_LISTEN sets nothing (misspelt?" in line
+
+
+def test_state_dir_of_another_user_is_not_written(config: Path) -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("needs root (CI is set)")
+        pytest.skip("needs root to give the state directory to another user")
+    state = config.parent / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, 65534, 65534)  # the daemon's user, say
+    result = mailproxy("password", "set", ACCOUNT, "--config", str(config), stdin="pw\n")
+    line = one_line(result.stderr)
+    assert result.returncode == 1
+    assert f"the state directory {state} belongs to" in line and "uid 65534" in line, line
+    assert list(state.iterdir()) == []
+
+
+async def test_network_down_login_leaves_no_unretrieved_task(tmp_path: Path) -> None:
+    """The upstream connect fails first, then the token request times out: the connect's
+    exception is retrieved, not reported as "never retrieved"."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen()
+    config = plain_config(tmp_path, top="[tokens]\nrequest_timeout = 1\nretries = 0\n",
+                          account='flow = "client_credentials"')
+    text = config.read_text().replace("https://127.0.0.1:9/token",
+                                      f"http://127.0.0.1:{blackhole.getsockname()[1]}/token")
+    config.write_text(text)
+    done = mailproxy("password", "set", ACCOUNT, "--config", str(config), stdin="local pw\n")
+    assert done.returncode == 0, done.stderr
+    port = int(text.split('[imap]\nlisten = "127.0.0.1:', 1)[1].split('"', 1)[0])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(config), cwd=ROOT,
+        env=_no_mailproxy_env(), stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        while b"listening" not in await asyncio.wait_for(proc.stderr.readline(), 30):
+            pass
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await reader.readline()
+            writer.write(f'a LOGIN {ACCOUNT} "local pw"\r\n'.encode())
+            reply = await asyncio.wait_for(reader.readline(), 30)
+            assert reply.startswith(b"a NO [UNAVAILABLE]"), reply
+            writer.close()
+        await asyncio.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        blackhole.close()
+    log = err.decode()
+    assert "never retrieved" not in log and "Traceback" not in log, log
+
+
+async def test_app_only_account_without_vault_fetches_no_token(tmp_path: Path) -> None:
+    """A client-credentials account before `password set`: said once at start-up, and no
+    background token request (it could not be kept)."""
+    endpoint = socket.socket()
+    endpoint.bind(("127.0.0.1", 0))
+    endpoint.listen()
+    endpoint.setblocking(False)
+    config = plain_config(tmp_path, account='flow = "client_credentials"')
+    config.write_text(config.read_text().replace(
+        "https://127.0.0.1:9/token", f"http://127.0.0.1:{endpoint.getsockname()[1]}/token"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "run", "--config", str(config), cwd=ROOT,
+        env=_no_mailproxy_env(), stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        while b"listening" not in await asyncio.wait_for(proc.stderr.readline(), 30):
+            pass
+        await asyncio.sleep(3)
+        with pytest.raises(BlockingIOError):
+            endpoint.accept()  # nobody asked the token endpoint
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 20)
+        endpoint.close()
+    log = err.decode()
+    assert log.count(f"account {ACCOUNT} is not authorized yet") == 1, log
+    assert "could not save token state" not in log
