@@ -271,3 +271,26 @@ async def test_app_only_account_without_vault_fetches_no_token(tmp_path: Path) -
     log = err.decode()
     assert log.count(f"account {ACCOUNT} is not authorized yet") == 1, log
     assert "could not save token state" not in log
+
+
+async def test_status_when_the_daemon_answers_another_user_only(tmp_path: Path) -> None:
+    """As root beside a daemon of another user: says so, shows the state on disk."""
+    from proxy.daemon.control import ControlServer
+
+    config = plain_config(tmp_path)
+
+    async def handler(command: str) -> dict[str, object]:
+        return {"accounts": []}
+
+    server = ControlServer(tmp_path / "state" / "control.sock", handler)
+    server._own_uid = os.geteuid() + 1  # a daemon running as another user
+    await server.start()
+    try:
+        result = await asyncio.to_thread(mailproxy, "status", "--config", str(config),
+                                         env=_no_mailproxy_env())
+    finally:
+        await server.aclose()
+    assert result.returncode == 1, result  # the account on disk needs attention
+    assert result.stdout.startswith(f"daemon running, but it did not answer uid {os.geteuid()}: "
+                                    "permission denied; run `mailproxy status` as "), result.stdout
+    assert ACCOUNT in result.stdout and "Traceback" not in result.stderr
