@@ -180,3 +180,19 @@ async def test_info_level_keeps_httpx_quiet(config: Path, token_server: TokenSer
     assert "refresh_token grant ok" in log  # a token request was made...
     assert "HTTP Request" not in log  # ...without httpx's line
     assert " C: " not in log
+
+
+async def test_revoked_account_reported_at_start_while_its_vault_is_locked(
+        config: Path, token_server: TokenServer, mail_user: str) -> None:
+    rt = _provision(config, token_server, mail_user, "--no-verify")
+    token_server.authority.revoke_refresh_token(rt)
+    async with running_daemon(config) as daemon:
+        client = await daemon.connect()
+        assert b"not authorized" in tagged_status(await client.login(mail_user, LOCAL_PW))
+        await client.close()
+    # Restarted without a master key: the vault is locked, the reason is known all the same.
+    async with running_daemon(config) as daemon:
+        pass
+    assert re.search(rf"WARNING mailproxy: account {re.escape(mail_user)} is not authorized "
+                     r"\(invalid_grant[^)]*\)+: run `mailproxy authorize", daemon.stderr), \
+        daemon.stderr
