@@ -294,3 +294,15 @@ async def test_status_when_the_daemon_answers_another_user_only(tmp_path: Path) 
     assert result.stdout.startswith(f"daemon running, but it did not answer uid {os.geteuid()}: "
                                     "permission denied; run `mailproxy status` as "), result.stdout
     assert ACCOUNT in result.stdout and "Traceback" not in result.stderr
+
+
+def test_password_help_and_add_without_a_vault(config: Path) -> None:
+    for action, words in (("set", "removing any others"), ("add", "keeping the others"),
+                          ("remove", "can no longer log in"), ("list", "never the passwords")):
+        result = mailproxy("password", action, "--help")
+        assert result.returncode == 0 and words in " ".join(result.stdout.split()), result
+    # Said before any password is asked for (standard input stays unread).
+    result = mailproxy("password", "add", ACCOUNT, "--config", str(config), stdin="")
+    line = one_line(result.stderr)
+    assert result.returncode == 2
+    assert f"{ACCOUNT} has no vault yet: run `mailproxy authorize {ACCOUNT}`" in line, line
