@@ -454,6 +454,8 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(default_factory=_default_state_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # "text" (one readable line an event) or "json" (one object a line, for log collectors).
+    log_format: Literal["text", "json"] = "text"
     imap: ImapListener = ImapListener()
     pop3: Pop3Listener = Pop3Listener()
     smtp: SmtpListener = SmtpListener()
@@ -471,6 +473,11 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _unique(self) -> Settings:
@@ -540,10 +547,49 @@ def _describe(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+# MAILPROXY_ variables that are not settings: the file to read, and those the [notify] command
+# gets (a hook that runs mailproxy itself passes them on).
+_ENV_NOT_SETTINGS = {"MAILPROXY_CONFIG", "MAILPROXY_ACCOUNT", "MAILPROXY_EVENT",
+                     "MAILPROXY_REASON", "MAILPROXY_TIME", "MAILPROXY_DEADLINE"}
+
+
+def _env_source(loc: tuple[int | str, ...]) -> str | None:
+    """The environment variable that set the value at ``loc``, if one did."""
+    names = [p for p in loc if isinstance(p, str)][:2]
+    env = {k.upper() for k in os.environ}
+    for n in range(len(names), 0, -1):
+        name = "MAILPROXY_" + "__".join(names[:n]).upper()
+        if name in env:
+            return name
+    return None
+
+
+def unknown_env_variables(settings: Settings) -> list[str]:
+    """``MAILPROXY_*`` variables that set nothing (misspelt?), except the ones that name a
+    master key (``env:`` sources) and those that are not settings."""
+    known = set(_ENV_NOT_SETTINGS)
+    for name, info in Settings.model_fields.items():
+        top = f"MAILPROXY_{name.upper()}"
+        known.add(top)
+        model = info.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            known.update(f"{top}__{sub.upper()}" for sub in model.model_fields)
+    master = settings.vault.master_key or ""
+    if master.startswith("env:"):
+        known.add(master[4:].upper())
+    return sorted(k for k in os.environ
+                  if k.upper().startswith("MAILPROXY_") and k.upper() not in known)
+
+
 def _format_errors(exc: ValidationError, data: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = tuple(err["loc"])
+        source = _env_source(loc)
+        if source is not None:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  {_describe(loc)}: {msg} (set by the environment variable {source})")
+            continue
         if loc and loc[0] in ("accounts", "devices") and len(loc) > 1 \
                 and isinstance(loc[1], int):
             what, field = ("account", "address") if loc[0] == "accounts" else ("device", "name")
@@ -595,7 +641,10 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> tuple[Setting
         settings = Settings()
     except ValidationError as exc:
         where = str(used) if used else "configuration (environment)"
-        raise ConfigError(f"{where}: invalid configuration:\n{_format_errors(exc, data)}") from None
+        details = _format_errors(exc, data)
+        if used and all("(set by the environment variable" in x for x in details.splitlines()):
+            where = "configuration (environment)"  # the file is not to blame
+        raise ConfigError(f"{where}: invalid configuration:\n{details}") from None
     finally:
         _toml_path.reset(token)
     return settings, used

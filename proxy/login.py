@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from . import logs
 from .config import Account, Settings
 from .tokens.errors import AuthorizationRequired, TokenError
 from .tokens.manager import AccessToken, TokenManager
@@ -71,7 +72,14 @@ class Gate:
             raise Refusal("authorization", f"account {account.address} is not authorized yet: "
                           f"{authorize_hint(account)}")
         was_open = self.vault.is_open(key)
-        if not await self.vault.unlock(key, password):
+        try:
+            unlocked = await self.vault.unlock(key, password)
+        except OSError as exc:  # e.g. a vault written by root for a daemon running as a user
+            log.error("the token vault of %s cannot be read: %s", account.address, exc)
+            raise Refusal("unavailable", f"the token vault of {account.address} cannot be read "
+                          "by mailproxy; ask its administrator (the daemon's log says why)"
+                          ) from None
+        if not unlocked:
             raise Refusal("credentials", "Invalid credentials")
         if not was_open:
             log.info("token vault of %s opened by a client login", account.address)
@@ -85,8 +93,11 @@ class Gate:
         try:
             account = await self.check_password(username, password)
         except Refusal as refusal:
-            log.warning("%s login refused for %r: %s", proto, username, refusal.text)
+            # "(credentials)": a wrong password or an unknown user, what fail2ban counts.
+            log.warning("%s login refused for %r (%s): %s", proto, username, refusal.kind,
+                        refusal.text)
             raise
+        logs.account.set(account.address)  # on the session's lines from here on
         upstream = make_upstream(account)
         try:
             await self.relogin(account, upstream)
@@ -116,9 +127,10 @@ class Gate:
             raise Refusal("unavailable", f"cannot reach {upstream.description}: {exc}; "
                           "try again later") from None
         finally:
-            if not connecting.done():
-                connecting.cancel()
-                await asyncio.gather(connecting, return_exceptions=True)
+            # Also when the token failed first: a connect that failed meanwhile is retrieved
+            # here, not reported later as "Task exception was never retrieved".
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
         rejection = await upstream.authenticate(token.value)
         if rejection is not None and not rejection.temporary and not token.fresh:
             # The server refused a token we thought valid (revoked, clock skew): refresh once.

@@ -15,6 +15,8 @@ import ssl
 from pathlib import Path
 from typing import cast
 
+from .logs import tcp_counts
+
 # Before the splice, stop reading from a client that sends faster than we consume.
 _PRELOGIN_HIGH_WATER = 256 * 1024
 _WRITE_HIGH_WATER = 1024 * 1024
@@ -32,6 +34,7 @@ class Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._paused_writing = False
+        self.counts: tuple[int, int] | None = None  # bytes (from, to) the peer, once closed
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -66,6 +69,8 @@ class Conn(asyncio.Protocol):
         return None  # close our transport too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Once per connection (the socket is still open here): for the session's end line.
+        self.counts = tcp_counts(self.transport)
         self._eof = True
         self._wake()
         if self.peer is not None and self.peer.transport is not None:

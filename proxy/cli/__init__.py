@@ -9,8 +9,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..config import ConfigError, load_config
-from .common import EXIT_USAGE, CliError, find_account
+from .. import logs
+from ..config import ConfigError, load_config, unknown_env_variables
+from .common import EXIT_FAIL, EXIT_USAGE, CliError, find_account, permission_denied
 from .parser import build_parser
 
 
@@ -21,8 +22,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mailproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(settings.log_level, settings.log_format)
+    for name in unknown_env_variables(settings):
+        logging.getLogger("mailproxy").warning(
+            "environment variable %s sets nothing (misspelt? settings are MAILPROXY_<KEY> or "
+            "MAILPROXY_<SECTION>__<KEY>, e.g. MAILPROXY_IMAP__LISTEN)", name)
     # Each command's module is imported when that command runs (not to dodge a cycle: none of
     # them imports this package): `status` and `password` then start without loading the
     # daemon with aiosmtpd, the authorization flows or the token manager.
@@ -30,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             from .run import run
 
-            return run(settings, path is None)
+            return run(settings, path)
         if args.command == "status":
             from .status import status
 
@@ -58,5 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"mailproxy: {exc}", file=sys.stderr)
         return exc.code
+    except PermissionError as exc:
+        print(f"mailproxy: {permission_denied(settings, exc)}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

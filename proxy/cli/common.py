@@ -4,9 +4,12 @@ from a prompt or standard input, opening the vault, and opening a browser."""
 from __future__ import annotations
 
 import getpass
+import os
+import pwd
 import sys
 import threading
 import webbrowser
+from pathlib import Path
 from typing import Any
 
 from ..config import Account, Settings
@@ -62,8 +65,42 @@ def need(value: str | None) -> str:
     return value
 
 
-def open_vault(settings: Settings) -> Vault:
-    """The vault with the configured master key, if any."""
+def owner_of(path: Path) -> tuple[int, str] | None:
+    """The uid owning ``path`` and how to name it (user name where it has one)."""
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return None
+    try:
+        return uid, f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return uid, f"uid {uid}"
+
+
+def check_writer(settings: Settings) -> None:
+    """Refuse to write into a state directory owned by another user (the daemon's): a file
+    written as this user (typically root) would be unreadable to the daemon."""
+    owner = owner_of(settings.state_dir)
+    if owner is None or owner[0] == os.geteuid():
+        return
+    raise CliError(f"the state directory {settings.state_dir} belongs to {owner[1]}, the user "
+                   f"mailproxy runs as; files written as uid {os.geteuid()} would be unreadable "
+                   "to it: run this command as that user (README: \"Running as a service\")")
+
+
+def permission_denied(settings: Settings, exc: PermissionError) -> str:
+    """A PermissionError as one sentence: what could not be read, and as whom to run."""
+    owner = owner_of(settings.state_dir)
+    who = owner[1] if owner else "the user mailproxy runs as"
+    return (f"permission denied: {exc.filename or settings.state_dir}: run this command as "
+            f"{who}, who owns {settings.state_dir}")
+
+
+def open_vault(settings: Settings, *, write: bool = True) -> Vault:
+    """The vault with the configured master key, if any; ``write``: refuse a state directory
+    of another user (``check_writer``)."""
+    if write:
+        check_writer(settings)
     master = None
     if settings.vault.master_key:
         try:

@@ -10,12 +10,16 @@ from ..queue import admin as queue_admin
 
 
 def build_parser() -> argparse.ArgumentParser:
+    config_help = ("configuration file (default: $MAILPROXY_CONFIG, else the platform's config "
+                   "directory, e.g. ~/.config/mailproxy/config.toml)")
+    top = argparse.ArgumentParser(add_help=False)
+    top.add_argument("--config", metavar="PATH", help=config_help)
+    # After the command, --config is optional too; SUPPRESS keeps the subcommand from
+    # overwriting a --config given before it (`mailproxy --config X status`).
     config = argparse.ArgumentParser(add_help=False)
-    config.add_argument("--config", metavar="PATH",
-                        help="configuration file (default: $MAILPROXY_CONFIG, else the "
-                             "platform's config directory, e.g. ~/.config/mailproxy/config.toml)")
+    config.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=config_help)
     parser = argparse.ArgumentParser(
-        prog="mailproxy", parents=[config],
+        prog="mailproxy", parents=[top],
         description="Local IMAP/POP3/SMTP proxy that logs password-only mail clients in to "
                     "Gmail and Microsoft 365 with OAuth2.")
     parser.add_argument("--version", action="version", version=f"mailproxy {__version__}")
@@ -50,12 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "standard input, one per line: the new one first, then (when the vault "
                     "must be opened and there is no master key) a current one.")
     psub = password.add_subparsers(dest="action", required=True, metavar="ACTION")
-    pset = psub.add_parser("set", parents=[config], help="make this the only local password")
-    padd = psub.add_parser("add", parents=[config],
-                           help="add another local password (one per client or device)")
+    pset = psub.add_parser(
+        "set", parents=[config], help="make this the only local password",
+        description="Set ACCOUNT's local password, removing any others. Creates the vault "
+                    "when there is none yet; otherwise opens it with the master key or a "
+                    "current local password (asked after the new one).")
+    padd = psub.add_parser(
+        "add", parents=[config], help="add another local password (one per client or device)",
+        description="Add a local password to ACCOUNT's vault, keeping the others: one per "
+                    "client or device, so one can be removed alone. The vault must exist "
+                    "(`authorize` or `password set` first).")
     padd.add_argument("--label", help="a name for it, e.g. the device (default: password-N)")
-    prm = psub.add_parser("remove", parents=[config], help="remove one local password")
-    plist = psub.add_parser("list", parents=[config], help="list an account's local passwords")
+    prm = psub.add_parser(
+        "remove", parents=[config], help="remove one local password",
+        description="Remove the local password LABEL from ACCOUNT's vault; clients using it "
+                    "can no longer log in. Needs the master key or a current local password.")
+    plist = psub.add_parser(
+        "list", parents=[config], help="list an account's local passwords",
+        description="List the labels, kinds and creation times of ACCOUNT's local passwords "
+                    "(never the passwords). Needs no password.")
     for p in (pset, padd, prm, plist):
         p.add_argument("account", metavar="ACCOUNT", help="the account's address")
     prm.add_argument("label", metavar="LABEL", help="the label (or id) shown by `password list`")

@@ -12,7 +12,7 @@ from .common import EXIT_OK, EXIT_USAGE, CliError, need, open_existing, open_vau
 
 
 def password(settings: Settings, account: Account, args: argparse.Namespace) -> int:
-    vault = open_vault(settings)
+    vault = open_vault(settings, write=args.action != "list")
     key, address = account.key, account.address
     try:
         if args.action == "list":
@@ -24,6 +24,9 @@ def password(settings: Settings, account: Account, args: argparse.Namespace) -> 
             slot = vault.remove_slot(key, args.label)
             print(f"local password {slot.label!r} of {address} removed")
             return EXIT_OK
+        if args.action == "add" and not vault.exists(key):
+            raise CliError(f"{address} has no vault yet: run `mailproxy authorize {address}` "
+                           f"or `mailproxy password set {address}` first", EXIT_USAGE)
         new = need(read(f"New local password for {address}: ", confirm=True))
         if args.action == "set":
             if vault.exists(key):
@@ -33,9 +36,6 @@ def password(settings: Settings, account: Account, args: argparse.Namespace) -> 
                 first_password(vault, key, new)
             print(f"local password for {address} set (any others removed)")
             return EXIT_OK
-        if not vault.exists(key):
-            raise CliError(f"{address} has no vault yet: run `mailproxy authorize {address}` "
-                           f"or `mailproxy password set {address}` first", EXIT_USAGE)
         open_existing(vault, account, "to add one")
         label = args.label or f"password-{len(vault.slots(key)) + 1}"
         vault.add_password(key, new, label)

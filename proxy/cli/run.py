@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from ..config import Settings
 from ..daemon.control import ControlError
 from ..daemon.server import serve
+from ..daemon.startup import EXIT_CONFIG, StartupError
 from ..tokens.keys import MasterKeyError
 from .common import EXIT_OK, CliError
 
 
-def run(settings: Settings, defaults: bool) -> int:
-    """``defaults``: no configuration file was found."""
+def run(settings: Settings, path: Path | None) -> int:
+    """``path``: the configuration file read, None when none was found (built-in defaults)."""
+    defaults = path is None
     log = logging.getLogger("mailproxy")
     if defaults:
         log.warning("no configuration file found; running with built-in defaults "
@@ -21,9 +24,11 @@ def run(settings: Settings, defaults: bool) -> int:
     if not settings.accounts:
         log.warning("no accounts configured: every login will be refused")
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, path))
+    except StartupError as exc:
+        raise CliError(f"cannot start: {exc}", exc.code) from None
     except (MasterKeyError, ControlError) as exc:
-        raise CliError(f"cannot start: {exc}") from None
+        raise CliError(f"cannot start: {exc}", EXIT_CONFIG) from None
     except OSError as exc:
         raise CliError(f"cannot start: {exc}") from None
     return EXIT_OK

@@ -4,15 +4,20 @@ daemon or from disk."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from ..config import Account, Settings
 from ..daemon.control import ControlError, query_sync
 from ..vault import Vault
-from .common import EXIT_OK, CliError
+from .common import CliError, owner_of
+
+# Exit codes of `mailproxy status` (README "Exit status"), for scripts and health checks.
+STATUS_OK, STATUS_ATTENTION, STATUS_NO_DAEMON = 0, 1, 3
 
 
 def status(settings: Settings, *, as_json: bool) -> int:
@@ -20,17 +25,48 @@ def status(settings: Settings, *, as_json: bool) -> int:
         reply = query_sync(settings.control_path, "status")
     except ControlError as exc:
         raise CliError(f"the daemon's status socket did not answer properly: {exc}") from None
-    if reply is not None and "accounts" in reply:
+    except PermissionError:
+        reply = {"error": "permission denied"}
+    refused = reply is not None and "accounts" not in reply
+    if reply is not None and not refused:
         report: dict[str, Any] = {"source": "daemon", **reply}
     else:
         report = {"source": "disk", "accounts": [_disk_status(settings, a)
                                                  for a in settings.accounts]}
         _disk_queue(settings, report["accounts"])
+        if refused:
+            # Typically root asking a daemon that answers its own user only.
+            report["daemon"] = f"running, but it did not answer uid {os.geteuid()}: " \
+                f"{(reply or {}).get('error')}; run `mailproxy status` as " \
+                f"{_owner(settings.state_dir)} for its live state"
+    for st in report["accounts"]:
+        if not st.get("authorized"):
+            st["reason"] = explain(st.get("needs_authorization"), st["account"])
     if as_json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
         print(render_status(report))
-    return EXIT_OK
+    if reply is None:
+        return STATUS_NO_DAEMON
+    if not report["accounts"] or not all(st.get("authorized") for st in report["accounts"]):
+        return STATUS_ATTENTION
+    return STATUS_OK
+
+
+def explain(reason: object, address: str) -> str:
+    """Why an account is not authorized, and what to run, for a person."""
+    text = str(reason or "not authorized yet")
+    fix = f"run `mailproxy authorize {address}`"
+    if text.startswith("invalid_grant"):
+        return f"refresh token revoked or expired ({text}): {fix}"
+    if text.startswith("vault unreadable"):
+        return text
+    return f"{text}: {fix}"
+
+
+def _owner(path: Path) -> str:
+    owner = owner_of(path)
+    return owner[1] if owner else "the daemon's user"
 
 
 def _disk_status(settings: Settings, account: Account) -> dict[str, Any]:
@@ -120,6 +156,8 @@ def _when(value: object) -> str:
 def render_status(report: dict[str, Any]) -> str:
     if report["source"] == "daemon":
         lines = [f"daemon running (pid {report.get('pid', '?')})"]
+    elif report.get("daemon"):
+        lines = [f"daemon {report['daemon']}", "state on disk:"]
     else:
         lines = ["no daemon running: state on disk"]
     if not report["accounts"]:
@@ -128,7 +166,7 @@ def render_status(report: dict[str, Any]) -> str:
         if st.get("authorized"):
             state = "authorized"
         else:
-            state = f"NOT AUTHORIZED: {st.get('needs_authorization')}"
+            state = f"NOT AUTHORIZED: {st.get('reason') or st.get('needs_authorization')}"
         if st.get("locked") is True:
             state += ", vault locked (opens at the first client login)"
         elif st.get("locked") is False:

@@ -1,13 +1,17 @@
-"""``mailproxy token import``: store a refresh token obtained elsewhere, then try it once."""
+"""``mailproxy token import``: try a refresh token obtained elsewhere once, then store it."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 import sys
 import time
+from typing import Any
 
 from ..config import Account, Settings
-from ..tokens.errors import AuthorizationRequired, TokenError
-from ..tokens.manager import TokenManager
+from ..tokens.endpoint import TokenEndpoint
+from ..tokens.errors import TokenUnavailable
+from ..tokens.grants import Refused
 from .common import EXIT_OK, EXIT_USAGE, CliError, need, open_vault, read, store_grant
 
 
@@ -27,21 +31,38 @@ async def token_import(settings: Settings, account: Account, *, verify: bool) ->
         raise CliError(f"that password does not open the vault of {account.address}; nothing "
                        "changed")
     now = time.time()
-    store_grant(vault, account, password, {
+    fields: dict[str, Any] = {
         "refresh_token": refresh_token, "access_token": None, "expires_at": None,
-        "needs_authorization": None, "last_error": None, "authorized_at": now})
-    print(f"refresh token for {account.address} stored")
-    if not verify:
-        return EXIT_OK
-    try:
-        async with TokenManager([account], vault, settings.tokens) as manager:
-            token = await manager.get_token(account.key, force_refresh=True)
-            remaining = max(0, int(token.expires_at - manager.clock()))
-    except AuthorizationRequired as exc:
-        raise CliError(f"the token endpoint refused this refresh token: {exc.reason}") from None
-    except TokenError as exc:
-        print(f"warning: could not try the token now ({exc.reason}); it is stored and will be "
-              "used when the token endpoint is reachable", file=sys.stderr)
-        return EXIT_OK
-    print(f"token works: access token valid for {remaining} s")
+        "needs_authorization": None, "last_error": None, "authorized_at": now}
+    remaining: int | None = None
+    if verify:
+        # Tried before anything is stored: a refused token must not replace a working one.
+        rng = random.Random()  # noqa: S311  # retry jitter, not cryptography
+        endpoint = TokenEndpoint(account, settings.tokens, clock=time.time, sleep=asyncio.sleep,
+                                 rng=rng, transport=None)
+        try:
+            token = await endpoint.request(refresh_token, lambda text: text.replace(
+                refresh_token, "[redacted]"))
+        except Refused as exc:
+            raise CliError(f"the token endpoint refused this refresh token ({exc.text()}); "
+                           "nothing was stored") from None
+        except TokenUnavailable as exc:
+            print(f"warning: could not try the token now ({exc.reason}); storing it anyway: "
+                  "it is used once the token endpoint is reachable", file=sys.stderr)
+        else:
+            # The provider may have rotated the refresh token: keep the one it just gave.
+            fields["refresh_token"] = token.get("refresh_token") or refresh_token
+            fields["access_token"] = token["access_token"]
+            expires_in = float(token.get("expires_in") or 3600)
+            fields["expires_at"] = time.time() + expires_in
+            fields["last_refresh"] = time.time()
+            remaining = int(expires_in)
+        finally:
+            await endpoint.aclose()
+    store_grant(vault, account, password, fields)
+    if remaining is not None:
+        print(f"token works: access token valid for {remaining} s; refresh token for "
+              f"{account.address} stored")
+    else:
+        print(f"refresh token for {account.address} stored")
     return EXIT_OK

@@ -71,8 +71,12 @@ def _check_path_length(path: Path) -> None:
                            "control_socket to a shorter path")
 
 
+class AlreadyRunning(ControlError):
+    """Another daemon holds this status socket (and its state directory)."""
+
+
 def _already_running(path: Path) -> ControlError:
-    return ControlError(f"another mailproxy daemon is already running (status socket {path})")
+    return AlreadyRunning(f"another mailproxy daemon is already running (status socket {path})")
 
 
 class ControlServer:

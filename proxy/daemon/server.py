@@ -9,25 +9,28 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .. import __version__
+from .. import __version__, logs
 from ..admin.host import admin_service
 from ..admin.model import LINK_COMMAND
-from ..config import Account, Settings, parse_hostport
+from ..config import Account, Settings, is_loopback_host, parse_hostport
 from ..login import Gate, authorize_hint
 from ..net import Conn
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
-from .control import ControlServer
+from .control import AlreadyRunning, ControlError, ControlServer
 from .notify import Event, EventName, Notifier, event_key
+from .startup import EXIT_CONFIG, EXIT_CONFLICT, StartupError, bind_error, check_state_dir
 
 if TYPE_CHECKING:
     from ..queue.service import QueueService
     from ..smtp import SmtpService
 
 log = logging.getLogger("mailproxy")
+session_log = logging.getLogger("mailproxy.session")
 
 LISTEN_BACKLOG = 4096
 SHUTDOWN_GRACE = 5.0
@@ -36,8 +39,10 @@ Session = Callable[[Gate, Settings, Conn], Awaitable[None]]
 
 
 class Daemon:
-    def __init__(self, settings: Settings, gate: Gate | None = None) -> None:
+    def __init__(self, settings: Settings, gate: Gate | None = None,
+                 config_path: Path | None = None) -> None:
         self.settings = settings
+        self.config_path = config_path
         if gate is None:
             gate = make_gate(settings)
         self.gate = gate
@@ -74,9 +79,23 @@ class Daemon:
             "imap": (self.settings.imap.listen, imap_session),
             "pop3": (self.settings.pop3.listen, pop3_session),
         }
+        # The single-instance lock (with the status socket) before binding anything: a second
+        # daemon on this state directory stops here, not after "listening" on other ports.
+        await asyncio.to_thread(check_state_dir, self.settings.state_dir)
+        try:
+            await self.control.start()
+        except AlreadyRunning as exc:
+            raise StartupError(f"{exc}; stop it first, or give this one its own state_dir",
+                               EXIT_CONFLICT) from None
+        except ControlError as exc:
+            raise StartupError(str(exc), EXIT_CONFIG) from None
         # The queue is recovered (interrupted receptions swept, deliveries in flight back in
         # the queue) before any client can connect.
-        queue = await self._start_queue()
+        try:
+            queue = await self._start_queue()
+        except BaseException:
+            await self.control.aclose()
+            raise
         try:
             await self._serve(listeners, queue)
         finally:
@@ -91,21 +110,31 @@ class Daemon:
         from ..smtp import SmtpService
 
         loop = asyncio.get_running_loop()
-        async with asyncio.TaskGroup() as tg:
+        smtp = SmtpService(self.gate, self.settings, queue)
+        self.smtp = smtp
+        try:
             for proto, (listen, session) in listeners.items():
                 host, port = parse_hostport(listen)
-                self.servers[proto] = await loop.create_server(
-                    self._factory(proto, session), host, port, backlog=LISTEN_BACKLOG,
-                    reuse_address=True)
-                log.info("%s listening on %s:%d", proto, *self.address(proto))
+                try:
+                    self.servers[proto] = await loop.create_server(
+                        self._factory(proto, session), host, port, backlog=LISTEN_BACKLOG,
+                        reuse_address=True)
+                except OSError as exc:
+                    raise bind_error(proto, host, port, exc) from None
             # aiosmtpd brings its own protocol class: its connections are drained by the service.
-            smtp = SmtpService(self.gate, self.settings, queue)
-            self.smtp = smtp
-            self.servers["smtp"] = await smtp.start(
-                *parse_hostport(self.settings.smtp.listen), backlog=LISTEN_BACKLOG)
-            log.info("smtp listening on %s:%d", *self.address("smtp"))
+            host, port = parse_hostport(self.settings.smtp.listen)
+            try:
+                self.servers["smtp"] = await smtp.start(host, port, backlog=LISTEN_BACKLOG)
+            except OSError as exc:
+                raise bind_error("smtp", host, port, exc) from None
+        except BaseException:
+            for server in self.servers.values():
+                server.close()
+            await self.control.aclose()
+            raise
+        self._banner()
+        async with asyncio.TaskGroup() as tg:
             await asyncio.to_thread(self._open_vaults)
-            await self.control.start()
             admin = None
             if self.admin is not None:
                 await self.admin.start()
@@ -228,6 +257,23 @@ class Daemon:
             except (OSError, ValueError) as exc:
                 log.error("account %s: token vault unusable: %s", account.address, exc)
 
+    def _banner(self) -> None:
+        """What a person checks first in a log: which build, which files, which listeners."""
+        log.info("mailproxy %s starting: configuration %s, state directory %s", __version__,
+                 self.config_path or "(none: built-in defaults)", self.settings.state_dir)
+        for proto in self.servers:
+            host, port = self.address(proto)
+            log.info("%s listening on %s:%d", proto, host, port)
+            if not is_loopback_host(host):
+                log.warning("%s listens on %s, not on loopback: clients send their local "
+                            "password there in plain text; keep it on 127.0.0.1 unless a "
+                            "firewall or a container keeps others out", proto, host)
+        for account in self.settings.accounts:
+            protocols = ", ".join(f"{p} via {s.host}:{s.port}" for p in ("imap", "pop3", "smtp")
+                                  if (s := account.server(p)) is not None)
+            log.info("account %s (%s, flow %s): %s", account.address, account.provider,
+                     account.flow, protocols or "no upstream servers")
+
     def _report_accounts(self) -> None:
         """Say at start-up what each account still needs, before a client finds out."""
         vault = self.gate.vault
@@ -238,8 +284,16 @@ class Daemon:
                 continue
             status = self.gate.tokens.status(account.key)
             if status["locked"]:
-                log.info("account %s: token vault locked until the first client login",
-                         account.address)
+                try:  # the reason is kept outside the encryption: known while locked
+                    reason = vault.meta(account.key).get("needs_authorization")
+                except (OSError, ValueError):
+                    reason = None
+                if reason:
+                    log.warning("account %s is not authorized (%s): %s", account.address,
+                                reason, authorize_hint(account))
+                else:
+                    log.info("account %s: token vault locked until the first client login",
+                             account.address)
             elif not status["authorized"]:
                 log.warning("account %s is not authorized (%s): %s", account.address,
                             status["needs_authorization"], authorize_hint(account))
@@ -257,6 +311,11 @@ class Daemon:
     async def _guard(self, proto: str, session: Session, conn: Conn) -> None:
         # The protocol factory runs before the transport is attached.
         await conn.connected
+        assert conn.transport is not None
+        # This task's context: every line the session logs carries its peer and id.
+        logs.begin_session(proto, conn.transport.get_extra_info("peername"))
+        started = time.monotonic()
+        session_log.debug("session started")
         try:
             await session(self.gate, self.settings, conn)
         except asyncio.CancelledError:
@@ -266,7 +325,9 @@ class Daemon:
             log.exception("%s session failed", proto)
             conn.abort()
         finally:
+            counts = conn.counts or logs.tcp_counts(conn.transport)
             conn.close()
+            logs.log_session_end(session_log, started, counts)
 
     async def _drain(self) -> None:
         """Give open sessions a moment to finish, then cut them off."""
@@ -288,8 +349,8 @@ def make_gate(settings: Settings) -> Gate:
     return Gate(settings, vault, tokens)
 
 
-async def serve(settings: Settings) -> None:
-    daemon = Daemon(settings)
+async def serve(settings: Settings, config_path: Path | None = None) -> None:
+    daemon = Daemon(settings, config_path=config_path)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)

@@ -4,6 +4,7 @@ pre-login dialogue, log in upstream through the gate, then splice."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
@@ -12,7 +13,10 @@ from ..config import Account
 from ..core.events import Close, Event, LoginRequest, Send
 from ..login import Gate, Refusal
 from ..net import Conn, splice
+from .dialogue import masked
 from .upstream import UpstreamSession
+
+log = logging.getLogger("mailproxy.session")
 
 
 class LocalCore(Protocol):
@@ -33,7 +37,9 @@ async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
                        login_timeout: float,
                        make_upstream: Callable[[Account], UpstreamSession],
                        reply_for: Callable[[Refusal], str]) -> None:
-    client.write(core.greeting())
+    greeting = core.greeting()
+    log.debug("S: %s", greeting[:200].decode("utf-8", "replace").rstrip())
+    client.write(greeting)
     while True:
         try:
             async with asyncio.timeout(login_timeout):
@@ -43,11 +49,14 @@ async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
         else:
             if not data:
                 return
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("C: %s", masked(proto, data))
             events = core.receive(data)
         queue = deque(events)
         while queue:
             event = queue.popleft()
             if isinstance(event, Send):
+                log.debug("S: %s", event.data[:200].decode("utf-8", "replace").rstrip())
                 client.write(event.data)
             elif isinstance(event, Close):
                 client.close()

@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
-from .. import __version__
+from .. import __version__, logs
 from ..config import Account, Device, Settings
 from ..login import Refusal
 from .data import Outcome, pump
@@ -29,6 +31,7 @@ from .transaction import Transaction
 from .upstream import DATA_END_TIMEOUT
 
 log = logging.getLogger("mailproxy.smtp")
+session_log = logging.getLogger("mailproxy.session")
 
 # Without a configured limit and before any upstream told us its SIZE.
 DEFAULT_SIZE = 35 * 1024 * 1024
@@ -88,6 +91,8 @@ class SmtpFront(SMTP):
         self.device: Device | None = None  # its network's device rule, until an AUTH
         self._verbatim = False
         self._deadline = 0.0  # of the idle timer, see _reset_timeout
+        self._log_context: contextvars.Context | None = None
+        self._started = 0.0
 
     @property
     def session_task(self) -> asyncio.Task[None] | None:
@@ -96,14 +101,6 @@ class SmtpFront(SMTP):
 
     def _create_session(self) -> Session:
         return _Session(self.loop)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            self.device = self.sessions.device_for(str(peer[0]))
-            if self.device is not None:
-                self._auth_required = False  # MAIL without AUTH: the device rule decides
 
     def _open(self, opened: Opened) -> None:
         if self.transaction is not None:
@@ -238,7 +235,23 @@ class SmtpFront(SMTP):
         # Never anything that could read as success: the client keeps the message and retries.
         return "451 4.3.0 Internal error in mailproxy; please try again"
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._log_context is None:  # not again after STARTTLS
+            # Set before aiosmtpd creates the session's task, which copies this context.
+            logs.begin_session("smtp", transport.get_extra_info("peername"))
+            self._log_context = contextvars.copy_context()
+            self._started = time.monotonic()
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.device = self.sessions.device_for(str(peer[0]))
+            if self.device is not None:
+                self._auth_required = False  # MAIL without AUTH: the device rule decides
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._log_context is not None:
+            self._log_context.run(logs.log_session_end, session_log, self._started,
+                                  logs.tcp_counts(self.transport))
         super().connection_lost(error)
         if self.transaction is not None:
             self.transaction.close()

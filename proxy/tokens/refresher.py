@@ -127,6 +127,8 @@ class Refresher:
             return None
         if flow in REFRESH_FLOWS and not state.refresh_token:
             return None
+        if not self._source.can_keep(account_key):
+            return None  # an app-only account without a vault: a token could not be kept
         if not self.active(account_key):
             # Idle: no access token ahead of need, but use the refresh token every
             # `keepalive_days` (Microsoft's die after 90 days unused, Google's after 6 months).

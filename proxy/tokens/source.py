@@ -129,6 +129,11 @@ class TokenSource:
         Raises ``AuthorizationRequired`` (damaged file) or ``TokenUnavailable`` (I/O error)."""
         return self._sync(self._entry(account_key))
 
+    def can_keep(self, account_key: str) -> bool:
+        """Whether a token fetched now could be stored (the account's vault exists)."""
+        exists = getattr(self._store, "exists", None)
+        return exists is None or bool(exists(account_key))
+
     def last_state(self, account_key: str) -> TokenState:
         """The state as last read or written, without looking at the store."""
         return self._entry(account_key).state

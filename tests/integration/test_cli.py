@@ -80,6 +80,10 @@ def test_import_of_a_revoked_token_fails_clearly(config: Path, token_server: Tok
     assert done.returncode == 1
     assert "refused this refresh token" in done.stderr and "invalid_grant" in done.stderr
     assert "Traceback" not in done.stderr and rt not in done.stderr
+    assert "stored" not in done.stdout and "nothing was stored" in done.stderr
+    # Verified before storing: no vault was made with the refused token.
+    vaults = config.parent / "state" / "vault"
+    assert not vaults.exists() or not any(p.suffix == ".vault" for p in vaults.iterdir())
 
 
 def test_unknown_account_and_empty_input(config: Path, mail_user: str) -> None:
