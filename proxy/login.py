@@ -116,9 +116,10 @@ class Gate:
             raise Refusal("unavailable", f"cannot reach {upstream.description}: {exc}; "
                           "try again later") from None
         finally:
-            if not connecting.done():
-                connecting.cancel()
-                await asyncio.gather(connecting, return_exceptions=True)
+            # Also when the token failed first: the connect's own error is retrieved here,
+            # not reported by asyncio as never retrieved.
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
         rejection = await upstream.authenticate(token.value)
         if rejection is not None and not rejection.temporary and not token.fresh:
             # The server refused a token we thought valid (revoked, clock skew): refresh once.
