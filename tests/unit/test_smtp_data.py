@@ -223,3 +223,37 @@ async def test_pump_too_big_at_once_never_asks() -> None:
     outcome, _, _, _ = await run_pump([b"z" * 200 + b"\r\n.\r\n"], FakeUpstream(), limit=100,
                                       go_ahead=gate)
     assert outcome is Outcome.TOO_BIG and gate.calls == 0
+
+
+# -- issue 12, item 6: SMTP smuggling reproducers ------------------------------------------
+
+
+def _bare(data: bytes) -> bool:
+    """Whether ``data`` holds a LF without its CR or a CR without its LF."""
+    return data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n")
+
+
+@pytest.mark.parametrize("cut", [None, 1, 5, 9, 10, 11])
+async def test_pump_ends_at_lf_dot_lf_and_never_forwards_a_bare_lf(cut: int | None) -> None:
+    # Postfix (and many servers) end a message at LF . LF: forwarded unchanged, it ended the
+    # message upstream while the proxy kept reading, and what followed ran upstream unseen.
+    wire = b"Subject: x\n\nbody\n.\nMAIL FROM:<evil@example.test>\r\n"
+    chunks = [wire] if cut is None else [wire[:cut], wire[cut:]]
+    upstream = FakeUpstream()
+    outcome, _, reader, _ = await run_pump(chunks, upstream)
+    assert outcome is Outcome.SENT
+    assert bytes(upstream.received) == b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    assert await reader.readuntil(b"\r\n") == b"MAIL FROM:<evil@example.test>\r\n"
+
+
+@pytest.mark.parametrize("wire", [b"a\rb\r\n.\r\n", b"a\r\n.\rRCPT TO:<x@example.test>\r\n.\r\n",
+                                  b"a\r\n\r.\r\n", b"x\r\n.\r.\n.\n.\r\n"])
+async def test_pump_never_forwards_a_lone_cr_or_bare_lf(wire: bytes) -> None:
+    upstream = FakeUpstream()
+    rest = b"QUIT\r\n"
+    for cut in range(1, len(wire)):
+        upstream = FakeUpstream()
+        outcome, _, reader, _ = await run_pump([wire[:cut], wire[cut:] + rest], upstream)
+        assert outcome is Outcome.SENT, (wire, cut)
+        assert not _bare(bytes(upstream.received)), (wire, cut, bytes(upstream.received))
+        assert bytes(upstream.received).endswith(b"\r\n.\r\n")
