@@ -143,10 +143,11 @@ def test_starttls_gets_a_clear_no() -> None:
     (b'a LOGIN "open pw\r\n', b"a BAD Unterminated quoted string\r\n"),
     (b'a LOGIN u "\\n"\r\n', b'a BAD Only \\" and \\\\ may be escaped in a string\r\n'),
     (b"a LOGIN u \xff\xfe\r\n", b"a BAD Strings must be UTF-8\r\n"),
-    (b"a \xffLOGIN\r\n", b"a BAD \xef\xbf\xbdLOGIN is not accepted before login; log in first "
+    (b"a \xffLOGIN\r\n", b'a BAD "\\xffLOGIN" is not accepted before login; log in first '
      b"(accepted now: CAPABILITY, NOOP, ID, LOGIN, AUTHENTICATE PLAIN and LOGOUT)\r\n"),
+    (b"a \x7fX\r\n", b"a BAD Unexpected character \"\\x7f\" in command\r\n"),
     (b"a AUTHENTICATE \xff\r\n",
-     b"a NO Unsupported mechanism \xef\xbf\xbd: only AUTHENTICATE PLAIN is accepted here\r\n"),
+     b'a NO Unsupported mechanism "\\xff": only AUTHENTICATE PLAIN is accepted here\r\n'),
 ])
 def test_malformed_input_gets_bad_and_session_continues(line: bytes, reply: bytes) -> None:
     core = ImapLocal()

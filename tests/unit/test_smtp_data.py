@@ -249,11 +249,10 @@ async def test_pump_ends_at_lf_dot_lf_and_never_forwards_a_bare_lf(cut: int | No
 @pytest.mark.parametrize("wire", [b"a\rb\r\n.\r\n", b"a\r\n.\rRCPT TO:<x@example.test>\r\n.\r\n",
                                   b"a\r\n\r.\r\n", b"x\r\n.\r.\n.\n.\r\n"])
 async def test_pump_never_forwards_a_lone_cr_or_bare_lf(wire: bytes) -> None:
-    upstream = FakeUpstream()
     rest = b"QUIT\r\n"
     for cut in range(1, len(wire)):
         upstream = FakeUpstream()
-        outcome, _, reader, _ = await run_pump([wire[:cut], wire[cut:] + rest], upstream)
+        outcome, _, _, _ = await run_pump([wire[:cut], wire[cut:] + rest], upstream)
         assert outcome is Outcome.SENT, (wire, cut)
         assert not _bare(bytes(upstream.received)), (wire, cut, bytes(upstream.received))
         assert bytes(upstream.received).endswith(b"\r\n.\r\n")
