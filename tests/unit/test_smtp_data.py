@@ -256,3 +256,24 @@ async def test_pump_never_forwards_a_lone_cr_or_bare_lf(wire: bytes) -> None:
         assert outcome is Outcome.SENT, (wire, cut)
         assert not _bare(bytes(upstream.received)), (wire, cut, bytes(upstream.received))
         assert bytes(upstream.received).endswith(b"\r\n.\r\n")
+
+
+async def test_pump_normalizes_any_line_ends_in_any_chunking() -> None:
+    import re
+
+    rng = random.Random(6)
+    ends = [b"\r\n", b"\r\n", b"\n", b"\r"]
+    for _ in range(300):
+        lines = [rng.choice([b"a", b"..", b".x", b"", b"text \xff", b"."]) for _ in range(6)]
+        raw = b"".join(line + rng.choice(ends) for line in lines) + b".\r\nQUIT\r\n"
+        # The reference: the first line holding only "." ends the message, whatever its end.
+        # A lone CR at the very end of a line is decided by the next byte, as on the wire.
+        end = next(m.end() for m in re.finditer(rb"([^\r\n]*)(\r\n|\r|\n)", raw)
+                   if m.group(1) == b".")
+        cuts = sorted(set(rng.sample(range(1, len(raw)), k=rng.randint(0, 5))))
+        chunks = [raw[a:b] for a, b in itertools.pairwise([0, *cuts, len(raw)])]
+        upstream = FakeUpstream()
+        outcome, _, reader, _ = await run_pump(chunks, upstream, eof=True)
+        assert outcome is Outcome.SENT, raw
+        assert bytes(upstream.received) == re.sub(rb"\r\n|\r|\n", b"\r\n", raw[:end]), raw
+        assert await reader.read() == raw[end:], (raw, cuts)
