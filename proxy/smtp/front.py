@@ -14,21 +14,22 @@ import binascii
 import logging
 import re
 from collections.abc import Callable
-from typing import Any, AnyStr, cast
+from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, syntax
 
 from .. import __version__
 from ..config import Account, Settings
 from ..login import Gate, Refusal
 from .data import Outcome, pump
+from .guard import GuardedSMTP
 from .replies import Reply, add_enhanced_codes, format_reply, refusal_reply
 from .transaction import OpenTransaction, Transaction
 from .upstream import DATA_END_TIMEOUT, SmtpUpstreamSession
 
 log = logging.getLogger("mailproxy.smtp")
 
-# Without a configured limit and before any upstream told us its SIZE.
+# Without a configured limit, and before login (the account, so its server, is not known yet).
 DEFAULT_SIZE = 35 * 1024 * 1024
 # aiosmtpd's own per-command logging would show addresses at INFO; we log our own summary.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
@@ -53,19 +54,7 @@ class _Session(Session):
         self._login_data = value
 
 
-class SizeHint:
-    """The SIZE advertised before login, when the account (and its server) is not known yet:
-    the last one an upstream announced. Shared by the fronts of one listener."""
-
-    def __init__(self) -> None:
-        self.size = 0
-
-    def learn(self, size: int | None) -> None:
-        if size:
-            self.size = size
-
-
-class SmtpFront(SMTP):
+class SmtpFront(GuardedSMTP):
     """aiosmtpd's SMTP with our AUTH (awaiting the gate), streamed DATA and RFC 2034 codes.
 
     aiosmtpd leaves no public way for some of this, so this module (and, for pushing bytes
@@ -79,8 +68,7 @@ class SmtpFront(SMTP):
     AuthLoginPasswordChallenge = "Password:"
 
     def __init__(self, settings: Settings, hostname: str, gate: Gate,
-                 open_transaction: OpenTransaction, size_hint: SizeHint,
-                 on_lost: Callable[[SmtpFront], None]) -> None:
+                 open_transaction: OpenTransaction, on_lost: Callable[[SmtpFront], None]) -> None:
         super().__init__(
             _Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
             data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
@@ -92,7 +80,6 @@ class SmtpFront(SMTP):
         self.settings = settings
         self.gate = gate
         self.open_transaction = open_transaction
-        self.size_hint = size_hint
         self.on_lost = on_lost
         self.account: Account | None = None
         # Where this session's mail goes, once logged in.
@@ -119,7 +106,8 @@ class SmtpFront(SMTP):
     def size_to_advertise(self) -> int:
         if self.data_size_limit:
             return self.data_size_limit
-        return self.settings.smtp.max_message_size or self.size_hint.size or DEFAULT_SIZE
+        # Not what another account's server said: this client's may differ.
+        return self.settings.smtp.max_message_size or DEFAULT_SIZE
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and re-creates a timer for every command (and we did per chunk):
@@ -138,11 +126,9 @@ class SmtpFront(SMTP):
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
         # aiosmtpd just closes; say why first (RFC 5321 4.5.3.2: the server may time out).
-        # A stream transport; uvloop's are not subclasses of asyncio.WriteTransport.
-        transport = cast(asyncio.WriteTransport | None, self.transport)
-        if transport is not None and not transport.is_closing():
-            transport.write(b"421 4.4.2 Idle for too long, closing connection\r\n")
-            transport.close()  # connection_lost() cleans up, as in aiosmtpd's own callback
+        if not self._writer.transport.is_closing() and not self.lingering:
+            self._writer.write(b"421 4.4.2 Idle for too long, closing connection\r\n")
+            self.linger()  # connection_lost() cleans up, as in aiosmtpd's own callback
 
     def end_transaction(self) -> None:
         self.envelope = self._create_envelope()
@@ -162,7 +148,11 @@ class SmtpFront(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
-        reply = await self._data()
+        self.in_data = True
+        try:
+            reply = await self._data()
+        finally:
+            self.in_data = False
         if reply is None:
             if self.transport is not None:
                 self.transport.close()
@@ -228,12 +218,11 @@ class SmtpFront(SMTP):
         self.on_lost(self)
 
     async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str):
-            if not self._verbatim:
-                status = add_enhanced_codes(status)
-            await super().push(status.encode("utf-8", "surrogateescape"))
-        else:
-            await super().push(status)
+        text = status if isinstance(status, str) else status.decode("utf-8", "surrogateescape")
+        # HELO and EHLO answer with their 250 as it is (RFC 2034), errors get their codes.
+        if not (self._verbatim and text.startswith("250")):
+            text = add_enhanced_codes(text)
+        await super().push(text)
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -287,6 +276,10 @@ class SmtpFront(SMTP):
         if len(parts) != 3 or not parts[1]:
             await self.push("501 5.5.2 PLAIN response must be authzid NUL user NUL password")
             return AuthResult(success=False, handled=True)
+        if parts[0] and parts[0] != parts[1]:
+            # As IMAP and POP3 do: the proxy logs in as the user, never on another's behalf.
+            await self.push("535 5.7.8 Acting as another user (authzid) is not supported")
+            return AuthResult(success=False, handled=True)
         return await self._log_in(parts[1], parts[2])
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
@@ -321,7 +314,6 @@ class SmtpFront(SMTP):
         assert isinstance(upstream, SmtpUpstreamSession)
         self.account = account
         self.transaction = self.open_transaction(account, upstream)
-        self.size_hint.learn(upstream.size_limit)
         self.data_size_limit = (self.settings.smtp.max_message_size or upstream.size_limit
                                 or DEFAULT_SIZE)
         return AuthResult(success=True, handled=False,

@@ -8,7 +8,7 @@ import socket
 
 from ..config import Account, Settings
 from ..login import Gate
-from .front import SizeHint, SmtpFront
+from .front import SmtpFront
 from .transaction import Relay, Transaction
 from .upstream import SmtpUpstreamSession
 
@@ -21,7 +21,6 @@ class SmtpService:
         self.settings = settings
         self.hostname = socket.gethostname() or "localhost"
         self.fronts: set[SmtpFront] = set()
-        self.size_hint = SizeHint()
 
     def open_transaction(self, account: Account, upstream: SmtpUpstreamSession) -> Transaction:
         """Where a session's mail goes once it logged in (``transaction.OpenTransaction``)."""
@@ -29,7 +28,7 @@ class SmtpService:
 
     def _make(self) -> SmtpFront:
         front = SmtpFront(self.settings, self.hostname, self.gate, self.open_transaction,
-                          self.size_hint, self.fronts.discard)
+                          self.fronts.discard)
         self.fronts.add(front)
         return front
 
@@ -46,7 +45,7 @@ class SmtpService:
             _, pending = await asyncio.wait(tasks, timeout=grace)
         for front in list(self.fronts):
             if front.transport is not None:
-                front.transport.close()
+                front.close_now()
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

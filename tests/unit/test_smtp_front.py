@@ -13,7 +13,7 @@ import pytest
 
 from proxy.config import Account, Settings
 from proxy.login import Gate, Refusal
-from proxy.smtp.front import SizeHint, SmtpFront
+from proxy.smtp.front import SmtpFront
 from proxy.smtp.replies import Reply, format_reply
 from proxy.smtp.transaction import DataStart, Transaction
 from proxy.smtp.upstream import SmtpUpstreamSession
@@ -124,7 +124,7 @@ async def served() -> AsyncIterator[tuple[Client, Kept, list[SmtpUpstreamSession
 
     def make() -> SmtpFront:
         front = SmtpFront(settings, "proxy.test", cast(Gate, FakeGate()), open_transaction,
-                          SizeHint(), fronts.discard)
+                          fronts.discard)
         fronts.add(front)
         return front
 
