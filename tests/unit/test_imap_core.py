@@ -316,3 +316,10 @@ def test_bad_commands_before_login_are_capped() -> None:
     assert core.state is State.CLOSED
     out = sent(events)
     assert out.count(b"a BAD ") <= 20 and b"* BYE " in out, out[-200:]
+
+
+def test_literal_right_after_the_tag_is_not_a_tag() -> None:
+    # Found by bench/fuzz.py: "-{3}" was answered "- BAD", a tag the client never sent.
+    core = ImapLocal()
+    out = sent(core.receive(b"-{3}\r\nabc\r\n"))
+    assert out == b"+ Ready for literal data\r\n* BAD Missing or invalid command tag\r\n"
