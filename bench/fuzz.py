@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import re
@@ -48,6 +49,7 @@ for path in (str(HERE), str(REPO)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+from common import die_with_parent  # noqa: E402
 from fuzzcheck import Checker, make_checker  # noqa: E402
 from fuzzgen import PASSWORD, USER, Inputs  # noqa: E402
 
@@ -108,7 +110,8 @@ class Daemon:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [*base, "run", "--config", str(config)], stdin=subprocess.DEVNULL,
-                stdout=log, stderr=log, env=env, cwd=REPO, start_new_session=True)
+                stdout=log, stderr=log, env=env, cwd=REPO, start_new_session=True,
+                preexec_fn=die_with_parent)
         deadline = time.monotonic() + 60
         for port in self.ports.values():
             while True:
@@ -357,6 +360,7 @@ class Run:
     per_connection: int
     timeout: float
     daemon: Daemon | None = None
+    only: int | None = None  # run just this connection (to reproduce a finding)
     stats: Stats = field(default_factory=Stats)
     findings: list[Finding] = field(default_factory=list)
     _next_conn: int = 0
@@ -370,8 +374,10 @@ class Run:
         while self._budget_left(started):
             if self.daemon is not None and not self.daemon.alive():
                 return
-            number = self._next_conn
+            number = self._next_conn if self.only is None else self.only
             self._next_conn += 1
+            if self.only is not None and self._next_conn > 1:
+                return
             rng = random.Random(f"{self.seed}:{self.protocol}:{number}")
             await self._connection(number, rng, started)
 
@@ -421,9 +427,11 @@ class Run:
     async def run(self) -> None:
         started = time.monotonic()
         async with asyncio.TaskGroup() as group:
-            for _ in range(self.connections):
-                group.create_task(self._worker(started))
-            group.create_task(self._watch(started))
+            watch = group.create_task(self._watch(started))
+            async with asyncio.TaskGroup() as workers:
+                for _ in range(self.connections):
+                    workers.create_task(self._worker(started))
+            watch.cancel()
         if self.daemon is not None:
             for line in self.daemon.new_log_problems():
                 self._found("log", line, -1, [])
@@ -471,6 +479,7 @@ def summarize(run: Run, elapsed: float) -> dict[str, Any]:
 async def fuzz(protocols: list[str], *, inputs: int, seconds: float, seed: int,
                connections: int = 16, per_connection: int = 200, timeout: float = 10.0,
                shrink_budget: float = 20.0, daemon: Daemon | None = None,
+               only: int | None = None,
                ports: dict[str, int] | None = None) -> tuple[list[dict[str, Any]],
                                                              list[Finding]]:
     """Run each protocol in turn; returns the summaries and the smallest finding of each
@@ -480,7 +489,7 @@ async def fuzz(protocols: list[str], *, inputs: int, seconds: float, seed: int,
     for protocol in protocols:
         port = (ports or {}).get(protocol) or (daemon.ports[protocol] if daemon else 0)
         run = Run(protocol, port, seed, inputs, seconds, connections, per_connection, timeout,
-                  daemon)
+                  daemon, only)
         started = time.monotonic()
         await run.run()
         summaries.append(summarize(run, time.monotonic() - started))
@@ -526,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=10.0, help="for a reply (a hang)")
     parser.add_argument("--shrink", type=float, default=20.0,
                         help="seconds to shrink each smallest finding (0: off)")
+    parser.add_argument("--connection", type=int, default=None,
+                        help="run only this connection of the seed (reproduces a finding)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the daemon's directory")
     args = parser.parse_args(argv)
@@ -534,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--protocols: a list of {', '.join(PROTOCOLS)}")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     progress(f"seed {seed}")
+    # The client's own writes to connections the daemon closed are expected here.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     tmp = Path(tempfile.mkdtemp(prefix="mailproxy-fuzz-"))
     daemon = Daemon(tmp)
     try:
@@ -542,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         summaries, smallest = asyncio.run(fuzz(
             protocols, inputs=args.inputs, seconds=args.seconds, seed=seed,
             connections=args.connections, per_connection=args.per_connection,
-            timeout=args.timeout, shrink_budget=args.shrink, daemon=daemon))
+            timeout=args.timeout, shrink_budget=args.shrink, daemon=daemon,
+            only=args.connection))
         rss_after = daemon.rss_mb()
     except KeyboardInterrupt:
         return 130

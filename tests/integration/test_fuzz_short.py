@@ -3,7 +3,7 @@ SMTP) with a few thousand generated and mutated inputs, and no finding allowed (
 traceback or control byte in the log, no malformed reply, no hang, no reset connection).
 
 The seed is fixed so that a failure here reproduces with
-``python bench/fuzz.py --seed 12 --inputs 3000 --protocols <p>``; MAILPROXY_FUZZ_SEED picks
+``python bench/fuzz.py --seed 12 --inputs 8000 --protocols <p>``; MAILPROXY_FUZZ_SEED picks
 another one.
 """
 
@@ -42,7 +42,7 @@ def daemon() -> Iterator[fuzz.Daemon]:
 @pytest.mark.parametrize("protocol", fuzz.PROTOCOLS)
 def test_prelogin_dialogue_survives_fuzzing(daemon: fuzz.Daemon, protocol: str) -> None:
     summaries, smallest = asyncio.run(fuzz.fuzz(
-        [protocol], inputs=3000, seconds=6, seed=SEED, connections=8, timeout=5.0,
+        [protocol], inputs=8000, seconds=6, seed=SEED, connections=8, timeout=5.0,
         shrink_budget=2.0, daemon=daemon))
     summary = summaries[0]
     assert summary["inputs"] >= 500, summary  # the run did fuzz something
