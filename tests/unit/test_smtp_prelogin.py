@@ -13,7 +13,7 @@ import pytest
 
 from proxy.config import Settings
 from proxy.login import Gate, Refusal
-from proxy.smtp.front import SmtpService
+from proxy.smtp.service import SmtpService
 
 
 class _Gate:
