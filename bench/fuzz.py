@@ -279,7 +279,14 @@ class Connection:
                 await self.write([flush + self.checker.probe(self._probes)])
             if await self.wait_settled(quick if attempt == 0 else self.timeout):
                 return None
-        return f"no reply within {self.timeout:g} s after resynchronizing"
+        return f"no reply within {self.timeout:g} s after resynchronizing ({self.waiting()})"
+
+    def waiting(self) -> str:
+        """What the checker still waits for, to tell hangs apart."""
+        pending = getattr(self.checker, "pending", None)
+        if pending:
+            return f"{len(pending)} lines unanswered, the first {pending[0][:80]!r}"
+        return f"{self.checker.replies} replies so far"
 
 
 def category(detail: str) -> str:

@@ -126,8 +126,8 @@ class SmtpFront(GuardedSMTP):
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
         # aiosmtpd just closes; say why first (RFC 5321 4.5.3.2: the server may time out).
-        if not self._writer.transport.is_closing() and not self.lingering:
-            self._writer.write(b"421 4.4.2 Idle for too long, closing connection\r\n")
+        if self._real is not None and not self._real.is_closing() and not self.lingering:
+            self._real.write(b"421 4.4.2 Idle for too long, closing connection\r\n")
             self.linger()  # connection_lost() cleans up, as in aiosmtpd's own callback
 
     def end_transaction(self) -> None:

@@ -74,33 +74,41 @@ class GuardedSMTP(SMTP):
     lingering = False
     _line_bytes = 0  # read since the last LF, outside DATA
     _linger_handle: asyncio.TimerHandle | None = None
+    _real: asyncio.Transport | None = None
+    _client_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if self.transport is transport:
-            self.transport = cast(asyncio.Transport, _Lingering(
-                cast(asyncio.Transport, transport), self))
+            # Every close goes through linger(): aiosmtpd's (QUIT, too many unknown
+            # commands, a cancelled session) and ours.
+            self._real = real = cast(asyncio.Transport, transport)
+            self.transport = wrapped = cast(asyncio.Transport, _Lingering(real, self))
+            self._writer._transport = wrapped  # type: ignore[attr-defined]
 
     def linger(self) -> None:
         """Close without losing the last reply to a reset (see ``_Lingering``)."""
-        transport = self._writer.transport
-        if self.lingering or transport.is_closing():
+        transport = self._real
+        if transport is None or self.lingering or transport.is_closing():
             return
-        if not transport.can_write_eof():
-            transport.close()
+        if self._client_eof or not transport.can_write_eof():
+            transport.close()  # nothing more will come that could cause a reset
             return
         self.lingering = True
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         transport.write_eof()
+        transport.resume_reading()  # the reader may have paused it: its buffer was full
         # abort(): a client that reads nothing would keep close() waiting for the buffer.
         self._linger_handle = self.loop.call_later(LINGER, transport.abort)
 
     def close_now(self) -> None:
-        self._writer.transport.close()
+        if self._real is not None:
+            self._real.close()
 
     def eof_received(self) -> bool | None:
+        self._client_eof = True
         if self.lingering:
-            self._writer.transport.close()
+            self.close_now()
             return False
         return super().eof_received()
 
@@ -111,8 +119,8 @@ class GuardedSMTP(SMTP):
             end = data.rfind(b"\n")
             self._line_bytes = len(data) - end - 1 if end >= 0 else self._line_bytes + len(data)
             if self._line_bytes > MAX_DISCARD:
-                if not self._writer.transport.is_closing():
-                    self._writer.write(b"421 4.7.0 Line too long, closing connection\r\n")
+                if self._real is not None and not self._real.is_closing():
+                    self._real.write(b"421 4.7.0 Line too long, closing connection\r\n")
                     self.linger()
                 return
         super().data_received(data)
