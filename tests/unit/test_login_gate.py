@@ -11,7 +11,7 @@ from proxy.config import Settings
 from proxy.login import Gate, Refusal, UpstreamError, UpstreamRejection
 from proxy.tokens.errors import TokenUnavailable
 from proxy.tokens.manager import TokenManager
-from proxy.tokens.vault import Vault
+from proxy.vault import Vault
 
 ADDRESS = "a@example.test"
 
