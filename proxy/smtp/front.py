@@ -13,16 +13,17 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, AuthResult, Session, syntax
 
 from .. import __version__
 from ..config import Account, Settings
 from ..login import Gate, Refusal
 from .data import Outcome, pump
 from .guard import GuardedSMTP
+from .hooks import Hooks
 from .replies import Reply, add_enhanced_codes, format_reply, refusal_reply
 from .transaction import OpenTransaction, Transaction
 from .upstream import DATA_END_TIMEOUT, SmtpUpstreamSession
@@ -36,6 +37,8 @@ logging.getLogger("mail.log").setLevel(logging.WARNING)
 # "<dot-atom@domain> params": the everyday MAIL/RCPT argument, for which aiosmtpd's parser
 # (the email package's header parser, ~45 us an address) gives exactly the text between <>.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# RFC 3461 parameters, passed through to an upstream that offers DSN.
+_DSN_PARAMS = ("RET", "ENVID", "NOTIFY", "ORCPT")
 _SIMPLE_PATH = re.compile(
     rf"<(?P<local>{_ATEXT}(?:\.{_ATEXT})*)@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*>\s*(?P<rest>.*)",
     re.DOTALL)
@@ -70,7 +73,7 @@ class SmtpFront(GuardedSMTP):
     def __init__(self, settings: Settings, hostname: str, gate: Gate,
                  open_transaction: OpenTransaction, on_lost: Callable[[SmtpFront], None]) -> None:
         super().__init__(
-            _Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
+            Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
             data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
             timeout=settings.smtp.idle_timeout, auth_require_tls=False,
             loop=asyncio.get_running_loop())
@@ -84,6 +87,8 @@ class SmtpFront(GuardedSMTP):
         self.account: Account | None = None
         # Where this session's mail goes, once logged in.
         self.transaction: Transaction | None = None
+        # What the upstream announced in its EHLO (lower-case names), once logged in.
+        self.upstream_extensions: frozenset[str] | None = None
         self._verbatim = False
         self._deadline = 0.0  # of the idle timer, see _reset_timeout
 
@@ -102,6 +107,15 @@ class SmtpFront(GuardedSMTP):
             return super()._getaddr(arg)  # the null path, quoting, UTF-8, literals, ...
         path = match.group(0)
         return path[1:path.index(">")], match["rest"]
+
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        # aiosmtpd refuses MAIL and RCPT parameters it does not know with 555: the DSN ones
+        # go to the upstream (with the options the hooks get) when it offers DSN.
+        result = super()._getparams(params)
+        if result is not None and "dsn" in (self.upstream_extensions or ()):
+            for name in _DSN_PARAMS:
+                result.pop(name, None)
+        return result
 
     def size_to_advertise(self) -> int:
         if self.data_size_limit:
@@ -314,63 +328,8 @@ class SmtpFront(GuardedSMTP):
         assert isinstance(upstream, SmtpUpstreamSession)
         self.account = account
         self.transaction = self.open_transaction(account, upstream)
+        self.upstream_extensions = frozenset(upstream.extensions)
         self.data_size_limit = (self.settings.smtp.max_message_size or upstream.size_limit
                                 or DEFAULT_SIZE)
         return AuthResult(success=True, handled=False,
                           message="235 2.7.0 Authentication successful")
-
-
-class _Hooks:
-    """aiosmtpd's handler: its hooks answer through the front that calls them (``server``)
-    and its transaction; aiosmtpd writes the reply returned."""
-
-    async def handle_EHLO(self, server: SmtpFront, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        if server.transaction is not None:
-            await server.transaction.abandon()  # EHLO resets the transaction (RFC 5321 4.1.4)
-        keywords = [r[4:] for r in responses[1:]]
-        # STARTTLS stays when aiosmtpd offers it (with a tls_context, none so far).
-        keep = [k for k in keywords if k.split(" ")[0] not in ("SIZE", "HELP")]
-        lines = [responses[0], f"250-SIZE {server.size_to_advertise()}", *keep,
-                 "250-ENHANCEDSTATUSCODES"]
-        lines = [line if line.startswith("250-") else f"250-{line}" for line in lines]
-        lines[-1] = "250 " + lines[-1][4:]
-        return lines
-
-    async def handle_MAIL(self, server: SmtpFront, session: Session, envelope: Envelope,
-                          address: str, options: list[str]) -> str:
-        if server.transaction is None:
-            return "530 5.7.0 Authentication required"
-        reply = await server.transaction.mail(address, options)
-        if reply.code == 250:
-            envelope.mail_from = address
-            envelope.mail_options.extend(options)
-        return reply
-
-    async def handle_RCPT(self, server: SmtpFront, session: Session, envelope: Envelope,
-                          address: str, options: list[str]) -> str:
-        assert server.transaction is not None
-        reply = await server.transaction.rcpt(address, options)
-        if reply.code in (250, 251):
-            envelope.rcpt_tos.append(address)
-            envelope.rcpt_options.extend(options)
-        return reply
-
-    async def handle_RSET(self, server: SmtpFront, session: Session, envelope: Envelope) -> str:
-        if server.transaction is None:
-            return "250 2.0.0 OK"
-        return await server.transaction.reset()
-
-    async def handle_NOOP(self, server: SmtpFront, session: Session, envelope: Envelope,
-                          arg: str) -> str:
-        return "250 2.0.0 OK"
-
-    async def handle_QUIT(self, server: SmtpFront, session: Session, envelope: Envelope) -> str:
-        if server.transaction is not None:
-            await server.transaction.quit()
-        return "221 2.0.0 Bye"
-
-    async def handle_VRFY(self, server: SmtpFront, session: Session, envelope: Envelope,
-                          address: str) -> str:
-        return "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"

@@ -42,6 +42,7 @@ class Kept:
         self.spool = bytearray()
         self.messages: list[tuple[str | None, list[str], bytes, int]] = []
         self.events: list[str] = []
+        self.options: list[list[str]] = []  # of each MAIL and RCPT
 
     # data.Sink
     def send(self, data: bytes) -> bool:
@@ -53,10 +54,12 @@ class Kept:
 
     # Transaction
     async def mail(self, sender: str, options: list[str]) -> Reply:
+        self.options.append(options)
         self.sender, self.recipients = sender, []
         return format_reply(250, "sender kept", "2.1.0")
 
     async def rcpt(self, recipient: str, options: list[str]) -> Reply:
+        self.options.append(options)
         if recipient.startswith("nobody@"):
             return format_reply(550, "no such mailbox here", "5.1.1")
         self.recipients.append(recipient)
@@ -111,7 +114,10 @@ class Client:
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[Client, Kept, list[SmtpUpstreamSession]]]:
+async def served(request: pytest.FixtureRequest
+                 ) -> AsyncIterator[tuple[Client, Kept, list[SmtpUpstreamSession]]]:
+    """Logged in; ``request.param`` (indirect parametrization): the upstream's EHLO
+    extensions (default: none)."""
     settings = Settings()
     settings.smtp.max_message_size = 1000
     kept = Kept()
@@ -119,6 +125,7 @@ async def served() -> AsyncIterator[tuple[Client, Kept, list[SmtpUpstreamSession
     fronts: set[SmtpFront] = set()
 
     def open_transaction(account: Account, upstream: SmtpUpstreamSession) -> Transaction:
+        upstream.extensions = dict(getattr(request, "param", {}))
         upstreams.append(upstream)
         return kept
 
@@ -184,3 +191,48 @@ async def test_too_big_is_read_to_the_end_and_aborted(
     assert (await client.cmd("RCPT TO:<b@example.test>")).startswith("503 ")
     assert await client.cmd("EHLO again.test") != ""
     assert kept.events[-1] == "abandon"
+
+
+# -- issue 12, item 7 ----------------------------------------------------------------------
+
+
+async def test_helo_inside_a_transaction_abandons_it(
+        served: tuple[Client, Kept, list[SmtpUpstreamSession]]) -> None:
+    # Only EHLO did: the upstream kept its transaction and the next MAIL got a 503.
+    client, kept, _ = served
+    assert (await client.cmd("MAIL FROM:<a@example.test>")).startswith("250 ")
+    assert (await client.cmd("RCPT TO:<b@example.test>")).startswith("250 ")
+    assert (await client.cmd("HELO again.test")) == "250 proxy.test"
+    assert kept.events[-1] == "abandon"
+    assert (await client.cmd("RCPT TO:<b@example.test>")).startswith("503 ")
+
+
+async def test_ehlo_after_auth_offers_only_what_the_upstream_offers(
+        served: tuple[Client, Kept, list[SmtpUpstreamSession]]) -> None:
+    client, _, _ = served  # an upstream with no extensions at all
+    ehlo = await client.cmd("EHLO again.test")
+    assert "8BITMIME" not in ehlo and "SMTPUTF8" not in ehlo and "DSN" not in ehlo
+    assert "250-SIZE 1000\n" in ehlo  # [smtp] max_message_size is this proxy's own limit
+
+
+@pytest.mark.parametrize("served", [{"dsn": "", "8bitmime": "", "size": "5000"}],
+                         indirect=True)
+async def test_dsn_parameters_pass_through_when_the_upstream_has_dsn(
+        served: tuple[Client, Kept, list[SmtpUpstreamSession]]) -> None:
+    client, kept, _ = served
+    ehlo = await client.cmd("EHLO again.test")
+    assert "250-DSN" in ehlo and "250-8BITMIME" in ehlo and "SMTPUTF8" not in ehlo
+    reply = await client.cmd("MAIL FROM:<a@example.test> RET=HDRS ENVID=x1")
+    assert reply.startswith("250 "), reply
+    reply = await client.cmd("RCPT TO:<b@example.test> NOTIFY=SUCCESS,FAILURE "
+                             "ORCPT=rfc822;b@example.test")
+    assert reply.startswith("250 "), reply
+    assert kept.options[-2:] == [["RET=HDRS", "ENVID=X1"],
+                                 ["NOTIFY=SUCCESS,FAILURE", "ORCPT=RFC822;B@EXAMPLE.TEST"]]
+
+
+async def test_dsn_parameters_are_refused_without_dsn_upstream(
+        served: tuple[Client, Kept, list[SmtpUpstreamSession]]) -> None:
+    client, _, _ = served
+    reply = await client.cmd("MAIL FROM:<a@example.test> RET=HDRS")
+    assert reply.startswith("555 "), reply
