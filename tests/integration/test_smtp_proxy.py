@@ -854,3 +854,22 @@ async def test_commands_hidden_after_a_bare_end_run_through_the_proxy(
     assert sum(b"Subject: first" in s and b"hidden" not in s for s in stored) == 1
     assert sum(b"Subject: smuggled" in s for s in stored) == 1
     assert caplog.text.count(" recipient(s) via ") == 2
+
+
+async def test_helo_inside_a_transaction_resets_the_upstream(harness: SmtpHarness,
+                                                             mail_user: str) -> None:
+    # Only EHLO reset the upstream's transaction: after HELO the next MAIL got a 503.
+    harness.provision(mail_user)
+    sent = message(mail_user, mail_user, b"after HELO\r\n", "helo")
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        assert (await raw.cmd(f"MAIL FROM:<{mail_user}>")).startswith("250 ")
+        assert (await raw.cmd(f"RCPT TO:<{mail_user}>")).startswith("250 ")
+        assert (await raw.cmd("HELO client.example")).startswith("250 ")
+        await open_data(raw, mail_user, mail_user)
+        raw.writer.write(stuff(sent))
+        assert (await raw.reply()).startswith("250 2.0.0 Ok: queued")
+        await raw.cmd("QUIT")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert same_message(stored, sent)
