@@ -44,7 +44,7 @@ def machine_busy() -> tuple[float, float]:
     return total - idle, total
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Linux: the proxy gets SIGTERM if the benchmark dies without cleaning up.
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -69,7 +69,7 @@ def start_proxy(config: Path, log_path: Path, port: int, user: str,
         proxy = subprocess.Popen(
             [*base, "run", "--config", str(config)], stdin=subprocess.DEVNULL,
             stdout=log, stderr=log, env=env, cwd=REPO, start_new_session=True,
-            preexec_fn=_die_with_parent)
+            preexec_fn=die_with_parent)
     deadline = time.monotonic() + 30
     while True:
         if proxy.poll() is not None:

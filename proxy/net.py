@@ -17,9 +17,15 @@ from typing import cast
 
 from .logs import tcp_counts
 
-# Before the splice, stop reading from a client that sends faster than we consume.
-_PRELOGIN_HIGH_WATER = 256 * 1024
+# Before the splice, stop reading from a client that sends faster than we consume, or that
+# does not read its replies (replies can be many times the size of the commands that caused
+# them): both buffers stay small, and recv() hands out small pieces.
+_PRELOGIN_HIGH_WATER = 64 * 1024
+_PRELOGIN_WRITE_HIGH_WATER = 64 * 1024
+_RECV_MAX = 16 * 1024
 _WRITE_HIGH_WATER = 1024 * 1024
+# How long a connection closed before the splice waits for the client to close its side.
+LINGER = 2.0
 
 
 class Conn(asyncio.Protocol):
@@ -35,13 +41,15 @@ class Conn(asyncio.Protocol):
         self._paused_reading = False
         self._paused_writing = False
         self.counts: tuple[int, int] | None = None  # bytes (from, to) the peer, once closed
+        self._lingering = False
+        self._linger: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; uvloop's are not subclasses of asyncio.Transport.
         self.transport = stream = cast(asyncio.Transport, transport)
-        stream.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        stream.set_write_buffer_limits(high=_PRELOGIN_WRITE_HIGH_WATER)
         sock = stream.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -54,11 +62,23 @@ class Conn(asyncio.Protocol):
             if peer.transport is not None:
                 peer.transport.write(data)
             return
+        if self._lingering:
+            return  # read to the client's EOF and dropped: see close()
         self._buf += data
-        if len(self._buf) > _PRELOGIN_HIGH_WATER and self.transport and not self._paused_reading:
+        self._flow()
+        self._wake()
+
+    def _flow(self) -> None:
+        """Before the splice: read only while both buffers are below their marks."""
+        if self.transport is None or self.peer is not None:
+            return
+        pause = len(self._buf) > _PRELOGIN_HIGH_WATER or self._paused_writing
+        if pause and not self._paused_reading:
             self._paused_reading = True
             self.transport.pause_reading()
-        self._wake()
+        elif not pause and self._paused_reading and not self._lingering:
+            self._paused_reading = False
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         self._eof = True
@@ -71,6 +91,8 @@ class Conn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         # Once per connection (the socket is still open here): for the session's end line.
         self.counts = tcp_counts(self.transport)
+        if self._linger is not None:
+            self._linger.cancel()
         self._eof = True
         self._wake()
         if self.peer is not None and self.peer.transport is not None:
@@ -83,26 +105,29 @@ class Conn(asyncio.Protocol):
         self._paused_writing = True
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
+        self._flow()
 
     def resume_writing(self) -> None:
         self._paused_writing = False
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
+        self._flow()
+        self._wake()
 
     # -- before the splice -----------------------------------------------------------------
 
     async def recv(self) -> bytes:
-        """Everything buffered so far, waiting for some if there is none; b"" at EOF."""
-        while not self._buf and not self._eof:
+        """What is buffered (up to 16 KiB), waiting for some if there is none and while the
+        client leaves its replies unread; b"" at EOF."""
+        while (not self._buf or self._paused_writing) and not self._eof:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        data, self._buf = bytes(self._buf), bytearray()
-        if self._paused_reading and self.transport is not None:
-            self._paused_reading = False
-            self.transport.resume_reading()
+        data = bytes(self._buf[:_RECV_MAX])
+        del self._buf[:_RECV_MAX]
+        self._flow()
         return data
 
     def write(self, data: bytes) -> None:
@@ -110,8 +135,24 @@ class Conn(asyncio.Protocol):
             self.transport.write(data)
 
     def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        """Close; before the splice without losing the last reply: a close with unread input
+        makes the kernel send a reset, and the client may lose what it had not read yet. So
+        send what is written, then a FIN, and read (dropping it) what the client still sends
+        until it closes too, for up to LINGER seconds."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._lingering:
+            return
+        if self.peer is not None or self._eof or not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        self._buf.clear()
+        transport.write_eof()
+        if self._paused_reading:
+            self._paused_reading = False
+            transport.resume_reading()
+        # abort(): a client that reads nothing would keep close() waiting for the buffer.
+        self._linger = asyncio.get_running_loop().call_later(LINGER, transport.abort)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -129,6 +170,8 @@ async def splice(a: Conn, b: Conn, a_pending: bytes = b"", b_pending: bytes = b"
     whatever each side still had buffered unread.
     """
     assert a.transport is not None and b.transport is not None
+    for side in (a, b):
+        side.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)  # type: ignore[union-attr]
     for dst, src, pending in ((a, b, a_pending), (b, a, b_pending)):
         leftover, src._buf = bytes(src._buf), bytearray()
         if pending or leftover:

@@ -20,9 +20,17 @@ CAPABILITIES = "IMAP4rev1 AUTH=PLAIN SASL-IR ID LITERAL+"
 ACCEPTED = "CAPABILITY, NOOP, ID, LOGIN, AUTHENTICATE PLAIN and LOGOUT"
 
 _LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}$")
-# RFC 3501 atom: any CHAR except atom-specials; a tag additionally excludes "+".
-_ATOM_SPECIALS = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
+# RFC 3501: an astring's unquoted form is 1*ASTRING-CHAR, any CHAR but atom-specials except
+# "]" (resp-specials may appear); a tag is the same without "+". CHAR is 7-bit, but 8-bit
+# bytes are kept in arguments (a UTF-8 user name); a tag must be plain ASCII to be echoed.
+_ASTRING_SPECIALS = frozenset(b'(){ %*"\\') | frozenset(range(0x20)) | {0x7F}
+_TAG_SPECIALS = _ASTRING_SPECIALS | {ord("+")} | frozenset(range(0x80, 0x100))
 _MAX_LITERALS = 4
+# RFC 2971: up to 30 field-value pairs, fields of up to 30 octets, values of up to 1,024; as
+# quoted strings about 32 KB. An ID command line may be that long, any other one max_line.
+ID_MAX_LINE = 34 * 1024
+_ID_COMMAND = re.compile(rb"[^ ]+ ID[ (]", re.IGNORECASE)
+_WORD = re.compile(rb"[A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
@@ -67,18 +75,31 @@ def _tokenize(parts: list[bytes | _Literal]) -> list[_Token | None]:
                     elif c == 0x22:
                         i += 1
                         break
+                    elif c == 0:
+                        raise ClientError("BAD A quoted string cannot hold a NUL byte")
                     else:
                         out.append(c)
                         i += 1
                 tokens.append(_utf8(bytes(out)))
             else:
                 start = i
-                while i < n and part[i] not in _ATOM_SPECIALS:
+                while i < n and part[i] not in _ASTRING_SPECIALS:
                     i += 1
                 if i == start:
-                    raise ClientError(f"BAD Unexpected character {chr(c)!r} in command")
+                    raise ClientError(f"BAD Unexpected character {printable(bytes([c]))} "
+                                      "in command")
                 tokens.append(part[start:i])
     return tokens
+
+
+def printable(data: bytes, limit: int = 40) -> str:
+    """Client bytes for a reply: a plain word as it is, anything else quoted with only
+    printable ASCII (other bytes as \\xNN), and shortened."""
+    if _WORD.fullmatch(data[:limit]):
+        return data[:limit].decode() + ("..." if len(data) > limit else "")
+    text = "".join(chr(c) if 0x20 <= c < 0x7F and c not in b'"\\' else f"\\x{c:02x}"
+                   for c in data[:limit])
+    return f'"{text}{"..." if len(data) > limit else ""}"'
 
 
 def _utf8(data: bytes) -> str:
@@ -95,6 +116,7 @@ class ImapLocal(LocalDialogue):
     CANCELLED = "BAD AUTHENTICATE cancelled"
     AUTHZID_REFUSED = "NO [AUTHORIZATIONFAILED] Acting as another user (authzid) is not supported"
     IDLE_BYE = "* BYE Autologout: idle for too long before login\r\n"
+    INVALID_BYE = "* BYE Too many invalid commands\r\n"
     FAILURES_BYE = "* BYE Too many failed logins\r\n"
 
     def __init__(self, *, max_line: int = 8192, max_literal: int = 8192,
@@ -122,15 +144,21 @@ class ImapLocal(LocalDialogue):
                 self.state = State.COMMAND
                 continue
             end = self._buf.find(b"\n")
+            limit = self._line_limit()
             if end < 0:
-                if len(self._buf) > self.max_line:
+                if len(self._buf) > limit:
                     events += self._close("* BYE Command line too long\r\n", "line too long")
                 break
-            if end > self.max_line:
+            if end > limit:
                 events += self._close("* BYE Command line too long\r\n", "line too long")
                 break
             events += self._line(end)
         return events
+
+    def _line_limit(self) -> int:
+        if self.state is State.COMMAND and not self._parts and _ID_COMMAND.match(self._buf):
+            return max(self.max_line, ID_MAX_LINE)
+        return self.max_line
 
     def _command(self, line: bytes) -> list[Event]:
         if not self._parts:  # a new command: know its tag early, for errors mid-literal
@@ -156,13 +184,16 @@ class ImapLocal(LocalDialogue):
     @staticmethod
     def _peek_tag(first: bytes) -> str:
         tag = first.split(b" ", 1)[0]
-        valid = tag and all(c not in _ATOM_SPECIALS and c != 0x2B for c in tag)
-        return tag.decode("ascii", "replace") if valid else ""
+        valid = tag and all(c not in _TAG_SPECIALS for c in tag)
+        return tag.decode("ascii") if valid else ""
 
     # -- commands --------------------------------------------------------------------------
 
     def _dispatch(self, parts: list[bytes | _Literal]) -> list[Event]:
-        self._tag = self._peek_tag(parts[0]) if isinstance(parts[0], bytes) else ""
+        first = parts[0]
+        # The tag ends at a space: "a{3}" is no tag "a" followed by a literal.
+        whole = isinstance(first, bytes) and (b" " in first or len(parts) == 1)
+        self._tag = self._peek_tag(first) if whole and isinstance(first, bytes) else ""
         if not self._tag:
             if parts == [b""]:
                 raise ClientError("BAD Empty command line")
@@ -171,6 +202,8 @@ class ImapLocal(LocalDialogue):
         if not tokens or not isinstance(tokens[0], bytes):
             raise ClientError("BAD Missing command")
         command = tokens[0].decode("ascii", "replace").upper()
+        if not tokens[0].isascii() or not tokens[0].isalnum():
+            command = printable(tokens[0])
         args = tokens[1:]
         tag = self._tag
         if command == "CAPABILITY":
@@ -204,7 +237,7 @@ class ImapLocal(LocalDialogue):
             raise ClientError("BAD AUTHENTICATE expects a mechanism name")
         mechanism = args[0].decode("ascii", "replace").upper()
         if mechanism != "PLAIN":
-            return [Send(f"{self._tag} NO Unsupported mechanism {mechanism}: "
+            return [Send(f"{self._tag} NO Unsupported mechanism {printable(args[0].upper())}: "
                          "only AUTHENTICATE PLAIN is accepted here\r\n".encode())]
         if len(args) > 2:
             raise ClientError("BAD AUTHENTICATE PLAIN takes at most one initial response")

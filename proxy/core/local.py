@@ -9,6 +9,10 @@ from typing import ClassVar
 from .events import Close, Event, LoginRequest, Send
 from .sasl import SaslError, decode_plain
 
+# Client errors a connection may make before login before it is closed: a client that sends
+# junk and never reads must not make the daemon answer (and buffer) without end.
+MAX_BAD_COMMANDS = 10
+
 
 class State(Enum):
     COMMAND = auto()  # reading a command line
@@ -40,12 +44,16 @@ class LocalDialogue:
     AUTHZID_REFUSED: ClassVar[str]
     IDLE_BYE: ClassVar[str]
     FAILURES_BYE: ClassVar[str]
+    INVALID_BYE: ClassVar[str]  # after too many invalid commands
 
-    def __init__(self, *, max_auth_failures: int = 5) -> None:
+    def __init__(self, *, max_auth_failures: int = 5,
+                 max_bad_commands: int = MAX_BAD_COMMANDS) -> None:
         self.max_auth_failures = max_auth_failures
+        self.max_bad_commands = max_bad_commands
         self.state = State.COMMAND
         self._buf = bytearray()
         self._failures = 0
+        self._bad = 0
 
     def receive(self, data: bytes) -> list[Event]:
         if self.state in (State.DONE, State.CLOSED):
@@ -99,7 +107,14 @@ class LocalDialogue:
                 return self._sasl_response(line)
             return self._command(line)
         except ClientError as exc:
+            self._bad += 1
+            if self._bad >= self.max_bad_commands and not exc.fatal:
+                return self._too_many(exc)
             return self._error(exc)
+
+    def _too_many(self, exc: ClientError) -> list[Event]:
+        """Answer the last invalid command allowed, and close."""
+        return self._error(exc) + self._close(self.INVALID_BYE, "invalid commands")
 
     def _reply_line(self, reply: str) -> bytes:
         """The line that carries the reply to the pending command."""

@@ -7,6 +7,8 @@ over every byte it buffered but did not consume (pipelined commands), to be rela
 
 from __future__ import annotations
 
+import re
+
 from .events import Event, Send
 from .local import ClientError, LocalDialogue, State
 
@@ -25,6 +27,7 @@ MAX_LINE = 255
 # PLAIN (RFC 4616) has authzid, authcid and password of at most 255 octets each: 767 octets,
 # 1024 in base64, plus CRLF.
 MAX_SASL_LINE = 1026
+_WORD = re.compile(rb"[A-Za-z0-9._-]{1,40}")
 
 
 def _utf8(data: bytes, what: str) -> str:
@@ -43,6 +46,7 @@ class Pop3Local(LocalDialogue):
     IDLE_BYE = "-ERR Disconnected: idle for too long before login\r\n"
     # No second -ERR: a POP3 client would take it as the answer to its next command.
     FAILURES_BYE = ""
+    INVALID_BYE = ""
 
     def __init__(self, *, max_auth_failures: int = 5) -> None:
         super().__init__(max_auth_failures=max_auth_failures)
@@ -113,8 +117,10 @@ class Pop3Local(LocalDialogue):
             return [Send(b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n")]
         mechanism = args[0].decode("ascii", "replace").upper()
         if mechanism != "PLAIN":
-            raise ClientError(f"-ERR Unsupported mechanism {mechanism}: only AUTH PLAIN (or "
-                              "USER/PASS) is accepted here")
+            # Echoed only when it looks like a mechanism name: never control or 8-bit bytes.
+            what = f"mechanism {mechanism}" if _WORD.fullmatch(args[0]) else "mechanism"
+            raise ClientError(f"-ERR Unsupported {what}: only AUTH PLAIN (or USER/PASS) is "
+                              "accepted here")
         if len(args) > 2:
             raise ClientError("-ERR AUTH PLAIN takes at most one initial response")
         if len(args) == 2:
@@ -130,6 +136,11 @@ class Pop3Local(LocalDialogue):
     def _error(self, exc: ClientError) -> list[Event]:
         self.state = State.COMMAND
         return [Send(self._reply_line(exc.reply))]
+
+    def _too_many(self, exc: ClientError) -> list[Event]:
+        # One reply only: a second -ERR would answer the client's next command.
+        return self._close(f"{exc.reply} (too many invalid commands, disconnecting)\r\n",
+                           "invalid commands")
 
     def _welcome(self, capabilities: str | None) -> bytes:
         # A POP3 +OK cannot carry capabilities: the client asks CAPA.

@@ -16,30 +16,34 @@ import contextvars
 import logging
 import re
 import time
-from collections.abc import Callable
-from typing import Any, AnyStr, cast
+from collections.abc import Callable, Sequence
+from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, AuthResult, Session, syntax
 
 from .. import __version__, logs
 from ..config import Account, Device, Settings
 from ..login import Refusal
 from .data import Outcome, pump
+from .guard import GuardedSMTP
+from .hooks import Hooks
 from .replies import Reply, add_enhanced_codes, format_reply, refusal_reply
-from .sessions import Opened, Sessions, SizeHint, device_refusal
+from .sessions import Opened, Sessions, device_refusal
 from .transaction import Transaction
 from .upstream import DATA_END_TIMEOUT
 
 log = logging.getLogger("mailproxy.smtp")
 session_log = logging.getLogger("mailproxy.session")
 
-# Without a configured limit and before any upstream told us its SIZE.
+# Without a configured limit, and before login (the account, so its server, is not known yet).
 DEFAULT_SIZE = 35 * 1024 * 1024
 # aiosmtpd's own per-command logging would show addresses at INFO; we log our own summary.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
 # "<dot-atom@domain> params": the everyday MAIL/RCPT argument, for which aiosmtpd's parser
 # (the email package's header parser, ~45 us an address) gives exactly the text between <>.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# RFC 3461 parameters, passed through to an upstream that offers DSN.
+_DSN_PARAMS = ("RET", "ENVID", "NOTIFY", "ORCPT")
 _SIMPLE_PATH = re.compile(
     rf"<(?P<local>{_ATEXT}(?:\.{_ATEXT})*)@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*>\s*(?P<rest>.*)",
     re.DOTALL)
@@ -58,7 +62,7 @@ class _Session(Session):
         self._login_data = value
 
 
-class SmtpFront(SMTP):
+class SmtpFront(GuardedSMTP):
     """aiosmtpd's SMTP with our AUTH (awaiting the gate), streamed DATA and RFC 2034 codes.
 
     aiosmtpd leaves no public way for some of this, so this module (and, for pushing bytes
@@ -72,9 +76,9 @@ class SmtpFront(SMTP):
     AuthLoginPasswordChallenge = "Password:"
 
     def __init__(self, settings: Settings, hostname: str, sessions: Sessions,
-                 size_hint: SizeHint, on_lost: Callable[[SmtpFront], None]) -> None:
+                 on_lost: Callable[[SmtpFront], None]) -> None:
         super().__init__(
-            _Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
+            Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
             data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
             timeout=settings.smtp.idle_timeout, auth_require_tls=False,
             loop=asyncio.get_running_loop())
@@ -83,12 +87,13 @@ class SmtpFront(SMTP):
         self._auth_required = True
         self.settings = settings
         self.sessions = sessions
-        self.size_hint = size_hint
         self.on_lost = on_lost
         self.account: Account | None = None
         # Where this session's mail goes, once logged in (a device's: at its first MAIL).
         self.transaction: Transaction | None = None
         self.device: Device | None = None  # its network's device rule, until an AUTH
+        # What the upstream announced in its EHLO (lower-case names), once logged in.
+        self.upstream_extensions: frozenset[str] | None = None
         self._verbatim = False
         self._deadline = 0.0  # of the idle timer, see _reset_timeout
         self._log_context: contextvars.Context | None = None
@@ -107,9 +112,9 @@ class SmtpFront(SMTP):
             self.transaction.close()
         self.account = opened.account
         self.transaction = opened.transaction
-        self.size_hint.learn(opened.size_limit)
+        self.upstream_extensions = opened.extensions
         self.data_size_limit = (self.settings.smtp.max_message_size or opened.size_limit
-                                or self.size_hint.size or DEFAULT_SIZE)
+                                or DEFAULT_SIZE)
 
     async def device_mail(self, device: Device, sender: str) -> Reply | None:
         """MAIL in a device's session: a refusal, or None (go on with the transaction)."""
@@ -130,10 +135,20 @@ class SmtpFront(SMTP):
         path = match.group(0)
         return path[1:path.index(">")], match["rest"]
 
+    def _getparams(self, params: Sequence[str]) -> dict[str, str | bool] | None:
+        # aiosmtpd refuses MAIL and RCPT parameters it does not know with 555: the DSN ones
+        # go to the upstream (with the options the hooks get) when it offers DSN.
+        result = super()._getparams(params)
+        if result is not None and "dsn" in (self.upstream_extensions or ()):
+            for name in _DSN_PARAMS:
+                result.pop(name, None)
+        return result
+
     def size_to_advertise(self) -> int:
         if self.data_size_limit:
             return self.data_size_limit
-        return self.settings.smtp.max_message_size or self.size_hint.size or DEFAULT_SIZE
+        # Not what another account's server said: this client's may differ.
+        return self.settings.smtp.max_message_size or DEFAULT_SIZE
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and re-creates a timer for every command (and we did per chunk):
@@ -152,11 +167,9 @@ class SmtpFront(SMTP):
             self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
             return
         # aiosmtpd just closes; say why first (RFC 5321 4.5.3.2: the server may time out).
-        # A stream transport; uvloop's are not subclasses of asyncio.WriteTransport.
-        transport = cast(asyncio.WriteTransport | None, self.transport)
-        if transport is not None and not transport.is_closing():
-            transport.write(b"421 4.4.2 Idle for too long, closing connection\r\n")
-            transport.close()  # connection_lost() cleans up, as in aiosmtpd's own callback
+        if self._real is not None and not self._real.is_closing() and not self.lingering:
+            self._real.write(b"421 4.4.2 Idle for too long, closing connection\r\n")
+            self.linger()  # connection_lost() cleans up, as in aiosmtpd's own callback
 
     def end_transaction(self) -> None:
         self.envelope = self._create_envelope()
@@ -176,7 +189,11 @@ class SmtpFront(SMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
-        reply = await self._data()
+        self.in_data = True
+        try:
+            reply = await self._data()
+        finally:
+            self.in_data = False
         if reply is None:
             if self.transport is not None:
                 self.transport.close()
@@ -258,12 +275,11 @@ class SmtpFront(SMTP):
         self.on_lost(self)
 
     async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str):
-            if not self._verbatim:
-                status = add_enhanced_codes(status)
-            await super().push(status.encode("utf-8", "surrogateescape"))
-        else:
-            await super().push(status)
+        text = status if isinstance(status, str) else status.decode("utf-8", "surrogateescape")
+        # HELO and EHLO answer with their 250 as it is (RFC 2034), errors get their codes.
+        if not (self._verbatim and text.startswith("250")):
+            text = add_enhanced_codes(text)
+        await super().push(text)
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -317,6 +333,10 @@ class SmtpFront(SMTP):
         if len(parts) != 3 or not parts[1]:
             await self.push("501 5.5.2 PLAIN response must be authzid NUL user NUL password")
             return AuthResult(success=False, handled=True)
+        if parts[0] and parts[0] != parts[1]:
+            # As IMAP and POP3 do: the proxy logs in as the user, never on another's behalf.
+            await self.push("535 5.7.8 Acting as another user (authzid) is not supported")
+            return AuthResult(success=False, handled=True)
         return await self._log_in(parts[1], parts[2])
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
@@ -352,62 +372,3 @@ class SmtpFront(SMTP):
         return AuthResult(success=True, handled=False,
                           message="235 2.7.0 Authentication successful")
 
-
-class _Hooks:
-    """aiosmtpd's handler: its hooks answer through the front that calls them (``server``)
-    and its transaction; aiosmtpd writes the reply returned."""
-
-    async def handle_EHLO(self, server: SmtpFront, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
-        session.host_name = hostname
-        if server.transaction is not None:
-            await server.transaction.abandon()  # EHLO resets the transaction (RFC 5321 4.1.4)
-        keywords = [r[4:] for r in responses[1:]]
-        # STARTTLS stays when aiosmtpd offers it (with a tls_context, none so far).
-        keep = [k for k in keywords if k.split(" ")[0] not in ("SIZE", "HELP")]
-        lines = [responses[0], f"250-SIZE {server.size_to_advertise()}", *keep,
-                 "250-ENHANCEDSTATUSCODES"]
-        lines = [line if line.startswith("250-") else f"250-{line}" for line in lines]
-        lines[-1] = "250 " + lines[-1][4:]
-        return lines
-
-    async def handle_MAIL(self, server: SmtpFront, session: Session, envelope: Envelope,
-                          address: str, options: list[str]) -> str:
-        if server.device is not None:
-            refused = await server.device_mail(server.device, address)
-            if refused is not None:
-                return refused
-        if server.transaction is None:
-            return "530 5.7.0 Authentication required"
-        reply = await server.transaction.mail(address, options)
-        if reply.code == 250:
-            envelope.mail_from = address
-            envelope.mail_options.extend(options)
-        return reply
-
-    async def handle_RCPT(self, server: SmtpFront, session: Session, envelope: Envelope,
-                          address: str, options: list[str]) -> str:
-        assert server.transaction is not None
-        reply = await server.transaction.rcpt(address, options)
-        if reply.code in (250, 251):
-            envelope.rcpt_tos.append(address)
-            envelope.rcpt_options.extend(options)
-        return reply
-
-    async def handle_RSET(self, server: SmtpFront, session: Session, envelope: Envelope) -> str:
-        if server.transaction is None:
-            return "250 2.0.0 OK"
-        return await server.transaction.reset()
-
-    async def handle_NOOP(self, server: SmtpFront, session: Session, envelope: Envelope,
-                          arg: str) -> str:
-        return "250 2.0.0 OK"
-
-    async def handle_QUIT(self, server: SmtpFront, session: Session, envelope: Envelope) -> str:
-        if server.transaction is not None:
-            await server.transaction.quit()
-        return "221 2.0.0 Bye"
-
-    async def handle_VRFY(self, server: SmtpFront, session: Session, envelope: Envelope,
-                          address: str) -> str:
-        return "252 2.1.5 Cannot VRFY user, but will accept message and attempt delivery"

@@ -64,6 +64,23 @@ def add_enhanced_codes(reply: str) -> str:
     return "\r\n".join(out)
 
 
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets, CRLF included.
+MAX_REPLY_LINE = 510
+
+
+def well_formed(reply: str) -> str:
+    """``reply`` with only printable ASCII on its lines (a client's control or 8-bit bytes
+    echoed in a reply become "?") and no line over 512 octets."""
+    lines = []
+    for line in reply.split("\r\n"):
+        line = _UNPRINTABLE.sub("?", line)
+        if len(line) > MAX_REPLY_LINE:
+            line = line[:MAX_REPLY_LINE - 3] + "..."
+        lines.append(line)
+    return "\r\n".join(lines)
+
+
 def _wrap(text: str) -> list[str]:
     lines: list[str] = []
     for part in text.split("\n"):

@@ -14,7 +14,7 @@ from ..config import Account, Delivery, Device, Settings
 from ..login import Gate, Refusal
 from .front import DEFAULT_SIZE, SmtpFront
 from .pool import SessionPool
-from .sessions import Opened, SizeHint
+from .sessions import Opened
 from .transaction import Relay
 from .upstream import SmtpUpstreamSession
 
@@ -34,7 +34,6 @@ class SmtpService:
         self.queue = queue
         self.hostname = socket.gethostname() or "localhost"
         self.fronts: set[SmtpFront] = set()
-        self.size_hint = SizeHint()
         self.pool: SessionPool[SmtpUpstreamSession] = SessionPool(
             idle_timeout=settings.smtp.upstream_pool_idle)
 
@@ -79,18 +78,18 @@ class SmtpService:
                 raise Refusal("unavailable", "the outbound queue is not running; try again "
                               "later")
             return Opened(account, QueueTransaction(account, self.queue),
-                          self.size_hint.size or DEFAULT_SIZE)
+                          self.settings.smtp.max_message_size or DEFAULT_SIZE)
         upstream = self.pool.take(account.key)
         if upstream is None:
             upstream = SmtpUpstreamSession(account)
             await self.gate.relogin(account, upstream)
         return Opened(account, Relay(account, upstream, self.gate, self.settings, self.pool),
-                      upstream.size_limit)
+                      upstream.size_limit, frozenset(upstream.extensions))
 
     # -- the listener --------------------------------------------------------------------
 
     def _make(self) -> SmtpFront:
-        front = SmtpFront(self.settings, self.hostname, self, self.size_hint,
+        front = SmtpFront(self.settings, self.hostname, self,
                           self.fronts.discard)
         self.fronts.add(front)
         return front
@@ -108,7 +107,7 @@ class SmtpService:
             _, pending = await asyncio.wait(tasks, timeout=grace)
         for front in list(self.fronts):
             if front.transport is not None:
-                front.transport.close()
+                front.close_now()
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)

@@ -1,6 +1,6 @@
 """How an SMTP connection gets its destination: ``Sessions`` (what the front asks, at AUTH or
 at a device's first MAIL; ``service.SmtpService`` answers), ``Opened`` (the account, its
-transaction, its size limit), the device-rule refusal, and the SIZE advertised before login."""
+transaction, its size limit, the upstream's extensions) and the device-rule refusal."""
 
 from __future__ import annotations
 
@@ -22,6 +22,9 @@ class Opened:
     account: Account
     transaction: Transaction
     size_limit: int | None = None
+    # What the upstream announced in its EHLO (lower-case names); None when the message is
+    # not relayed as it arrives (the queue), so the front offers its own extensions.
+    extensions: frozenset[str] | None = None
 
 
 class Sessions(Protocol):
@@ -49,15 +52,3 @@ def device_refusal(device: Device, sender: str, peer: object) -> Reply:
     return format_reply(550, f"sender <{sender}> is not allowed for device {device.name!r} "
                         f"([[devices]] senders: {allowed}); the sender is never rewritten",
                         "5.7.1")
-
-
-class SizeHint:
-    """The SIZE advertised before login, when the account (and its server) is not known yet:
-    the last one an upstream announced. Shared by the fronts of one listener."""
-
-    def __init__(self) -> None:
-        self.size = 0
-
-    def learn(self, size: int | None) -> None:
-        if size:
-            self.size = size

@@ -177,12 +177,17 @@ class Relay:
         else:
             self.upstream.close()
 
-    def _lost(self, reason: str) -> Reply:
-        log.warning("smtp: connection to %s lost during a transaction: %s", self.description,
-                    reason)
+    def _lost(self, reason: str, *, after_end: bool = False) -> Reply:
+        log.warning("smtp: connection to %s lost during a transaction%s: %s", self.description,
+                    " after the end of the message" if after_end else "", reason)
         self.broken = True
         self.in_transaction = False
         self.pending_mail = None
+        if after_end:
+            # The upstream had the whole message: it may have delivered it before the loss.
+            return format_reply(451, f"connection to {self.description} lost after the end "
+                                f"of the message ({reason}); the message may have been sent: "
+                                "check before sending it again", "4.4.2")
         return format_reply(451, f"connection to {self.description} lost ({reason}); nothing "
                             "was sent, please try again", "4.4.2")
 
@@ -311,7 +316,7 @@ class Relay:
         try:
             response = await self.upstream.finish_data()
         except UpstreamGone as exc:
-            return self._lost(str(exc))
+            return self._lost(str(exc), after_end=True)
         # Logged once the reply is on its way (call_soon runs after this task's step, which
         # writes the reply): ~50 us a message off the time the client waits.
         asyncio.get_running_loop().call_soon(

@@ -799,3 +799,77 @@ async def test_strict_one_to_one_waits_for_the_upstreams_replies(harness: SmtpHa
         await raw.close()
     (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
     assert same_message(stored, sent)
+
+
+# ------------------------------------------------------------------- SMTP smuggling (issue 12)
+
+# Postfix ends a message at a "." line whatever its line ends; the proxy must agree with it.
+BARE_ENDS = [b"\n.\n", b"\n.\r\n", b"\r\n.\n"]
+
+
+@pytest.mark.parametrize("end", BARE_ENDS, ids=["lf-dot-lf", "lf-dot-crlf", "crlf-dot-lf"])
+async def test_message_ended_with_bare_line_ends_is_answered_once(
+        harness: SmtpHarness, mail_user: str, end: bytes) -> None:
+    # It got no reply (421 after 300 s) although Postfix had delivered it: a client that
+    # retried sent it twice.
+    harness.provision(mail_user)
+    sent = message(mail_user, mail_user, b"first line\nsecond line", "bare end")
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        await open_data(raw, mail_user, mail_user)
+        raw.writer.write(sent + end)
+        reply = await asyncio.wait_for(raw.reply(), 15)
+        assert reply.startswith("250 2.0.0 Ok: queued"), reply
+        assert (await raw.cmd("NOOP")).startswith("250 2.0.0")
+        await raw.cmd("QUIT")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert b"first line\nsecond line\n" in stored.replace(b"\r\n", b"\n")
+
+
+@pytest.mark.parametrize("end", BARE_ENDS, ids=["lf-dot-lf", "lf-dot-crlf", "crlf-dot-lf"])
+async def test_commands_hidden_after_a_bare_end_run_through_the_proxy(
+        harness: SmtpHarness, mail_user: str, end: bytes,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # They ran upstream as a second message the proxy never saw nor logged.
+    caplog.set_level(logging.INFO, logger="mailproxy")
+    harness.provision(mail_user)
+    first = message(mail_user, mail_user, b"visible\r\n", "first")
+    hidden = message(mail_user, mail_user, b"hidden\r\n", "smuggled")
+    wire = (first + end + f"MAIL FROM:<{mail_user}>\r\nRCPT TO:<{mail_user}>\r\nDATA\r\n"
+            .encode() + hidden + b".\r\n")
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        await open_data(raw, mail_user, mail_user)
+        raw.writer.write(wire)
+        # The end of the first message, then MAIL, RCPT and DATA of the second, here.
+        replies = [await asyncio.wait_for(raw.reply(), 15) for _ in range(4)]
+        assert [r[:3] for r in replies] == ["250", "250", "250", "354"], replies
+        last = await asyncio.wait_for(raw.reply(), 15)
+        assert last.startswith("250 2.0.0 Ok: queued"), last
+        await raw.cmd("QUIT")
+        await raw.close()
+    stored = await wait_delivered(harness.dovecot, mail_user, 2)
+    # Each message is delivered on its own, and the proxy relayed (and logged) both.
+    assert sum(b"Subject: first" in s and b"hidden" not in s for s in stored) == 1
+    assert sum(b"Subject: smuggled" in s for s in stored) == 1
+    assert caplog.text.count(" recipient(s) via ") == 2
+
+
+async def test_helo_inside_a_transaction_resets_the_upstream(harness: SmtpHarness,
+                                                             mail_user: str) -> None:
+    # Only EHLO reset the upstream's transaction: after HELO the next MAIL got a 503.
+    harness.provision(mail_user)
+    sent = message(mail_user, mail_user, b"after HELO\r\n", "helo")
+    async with harness.run(harness.smtp_settings(mail_user)) as daemon:
+        raw = await logged_in(daemon.address("smtp"), mail_user)
+        assert (await raw.cmd(f"MAIL FROM:<{mail_user}>")).startswith("250 ")
+        assert (await raw.cmd(f"RCPT TO:<{mail_user}>")).startswith("250 ")
+        assert (await raw.cmd("HELO client.example")).startswith("250 ")
+        await open_data(raw, mail_user, mail_user)
+        raw.writer.write(stuff(sent))
+        assert (await raw.reply()).startswith("250 2.0.0 Ok: queued")
+        await raw.cmd("QUIT")
+        await raw.close()
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1)
+    assert same_message(stored, sent)

@@ -143,10 +143,11 @@ def test_starttls_gets_a_clear_no() -> None:
     (b'a LOGIN "open pw\r\n', b"a BAD Unterminated quoted string\r\n"),
     (b'a LOGIN u "\\n"\r\n', b'a BAD Only \\" and \\\\ may be escaped in a string\r\n'),
     (b"a LOGIN u \xff\xfe\r\n", b"a BAD Strings must be UTF-8\r\n"),
-    (b"a \xffLOGIN\r\n", b"a BAD \xef\xbf\xbdLOGIN is not accepted before login; log in first "
+    (b"a \xffLOGIN\r\n", b'a BAD "\\xffLOGIN" is not accepted before login; log in first '
      b"(accepted now: CAPABILITY, NOOP, ID, LOGIN, AUTHENTICATE PLAIN and LOGOUT)\r\n"),
+    (b"a \x7fX\r\n", b"a BAD Unexpected character \"\\x7f\" in command\r\n"),
     (b"a AUTHENTICATE \xff\r\n",
-     b"a NO Unsupported mechanism \xef\xbf\xbd: only AUTHENTICATE PLAIN is accepted here\r\n"),
+     b'a NO Unsupported mechanism "\\xff": only AUTHENTICATE PLAIN is accepted here\r\n'),
 ])
 def test_malformed_input_gets_bad_and_session_continues(line: bytes, reply: bytes) -> None:
     core = ImapLocal()
@@ -250,3 +251,75 @@ def test_random_input_never_raises_and_every_reply_is_well_formed() -> None:
             if isinstance(event, Send):
                 for line in event.data.splitlines(keepends=True):
                     assert reply.match(line), (data, line)
+
+
+# -- issue 12, items 7 and 8: reproducers (a few bytes each) -------------------------------
+
+
+def _printable(out: bytes) -> bool:
+    return all(line.endswith(b"\r\n") and all(0x20 <= c < 0x7F for c in line[:-2])
+               for line in out.splitlines(keepends=True))
+
+
+@both
+def test_8bit_tag_is_answered_untagged_not_with_a_replacement_character(trickle: bool) -> None:
+    # The reply was tagged "\xef\xbf\xbd" (U+FFFD): the client cannot match it.
+    out = sent(feed(ImapLocal(), b"\xff NOOP\r\nb\xc3\xa9 NOOP\r\n", trickle))
+    assert _printable(out), out
+    assert out.startswith(b"* BAD ") and out.count(b"* BAD ") == 2, out
+
+
+@both
+def test_close_bracket_is_allowed_in_a_tag(trickle: bool) -> None:
+    # RFC 3501: tag = 1*<any ASTRING-CHAR except "+">, and ASTRING-CHAR includes "]".
+    assert sent(feed(ImapLocal(), b"a]1 NOOP\r\n", trickle)) == b"a]1 OK NOOP completed\r\n"
+
+
+@both
+def test_unquoted_login_arguments_may_hold_a_close_bracket(trickle: bool) -> None:
+    events = feed(ImapLocal(), b"a LOGIN us]er@example.com pa]ss\r\n", trickle)
+    assert logins(events) == [LoginRequest("us]er@example.com", "pa]ss", "LOGIN")]
+
+
+@pytest.mark.parametrize("command", [b"a AUTHENTICATE PL\xffAIN\r\n",
+                                     b"a AUTHENTICATE \x1b[31mX\r\n",
+                                     b"a XY\xc3\xa9Z\r\n", b"a NOOP \x7f\xe9\r\n",
+                                     b"a LOGIN \"\x00\" x\r\n", b"a \xe9\r\n"])
+def test_replies_never_echo_8bit_or_control_bytes(command: bytes) -> None:
+    out = sent(ImapLocal().receive(command))
+    assert out and _printable(out), out
+
+
+def test_rfc2971_sized_id_before_login_is_accepted() -> None:
+    # RFC 2971: up to 30 field/value pairs, values up to 1024 octets; imaptest sends one.
+    pairs = b" ".join(b'"field-%02d" "%s"' % (i, b"v" * 1024) for i in range(30))
+    core = ImapLocal()
+    out = sent(core.receive(b"a ID (" + pairs + b")\r\nb NOOP\r\n"))
+    assert out.endswith(b"a OK ID completed\r\nb OK NOOP completed\r\n"), out[:200]
+    assert core.state is State.COMMAND
+
+
+def test_line_over_the_id_allowance_still_closes() -> None:
+    core = ImapLocal()
+    events = core.receive(b"a ID (" + b"x" * 100_000)
+    assert sent(events).startswith(b"* BYE ") and any(isinstance(e, Close) for e in events)
+
+
+def test_bad_commands_before_login_are_capped() -> None:
+    # A client that sends junk and never reads made the daemon buffer 32 MB per MB it sent.
+    core = ImapLocal()
+    events: list[Event] = []
+    for _ in range(100):
+        events += core.receive(b"a X\r\n")
+        if core.state is State.CLOSED:
+            break
+    assert core.state is State.CLOSED
+    out = sent(events)
+    assert out.count(b"a BAD ") <= 20 and b"* BYE " in out, out[-200:]
+
+
+def test_literal_right_after_the_tag_is_not_a_tag() -> None:
+    # Found by bench/fuzz.py: "-{3}" was answered "- BAD", a tag the client never sent.
+    core = ImapLocal()
+    out = sent(core.receive(b"-{3}\r\nabc\r\n"))
+    assert out == b"+ Ready for literal data\r\n* BAD Missing or invalid command tag\r\n"

@@ -242,3 +242,30 @@ def test_timeout_closes_with_a_sentence() -> None:
 def test_login_request_repr_hides_the_password() -> None:
     [request] = logins(Pop3Local().receive(b"USER a@x\r\nPASS hunter2\r\n"))
     assert "hunter2" not in repr(request)
+
+
+# -- issue 12, item 8: reproducers (a few bytes each) --------------------------------------
+
+
+def _printable(out: bytes) -> bool:
+    return all(line.endswith(b"\r\n") and all(0x20 <= c < 0x7F for c in line[:-2])
+               for line in out.splitlines(keepends=True))
+
+
+@pytest.mark.parametrize("command", [b"AUTH \x00\x1b[31mred\r\n", b"AUTH PL\xffAIN\r\n",
+                                     b"AUTH X\x7fY\r\n", b"AUTH \xc3\xa9\r\n"])
+def test_mechanism_names_are_not_echoed_with_8bit_or_control_bytes(command: bytes) -> None:
+    out = sent(Pop3Local().receive(command))
+    assert out.startswith(b"-ERR ") and _printable(out), out
+
+
+def test_bad_commands_before_login_are_capped() -> None:
+    # A client that sends junk and never reads made the daemon buffer 32 MB per MB it sent.
+    core = Pop3Local()
+    events: list[Event] = []
+    for _ in range(100):
+        events += core.receive(b"XYZ\r\n")
+        if core.state is State.CLOSED:
+            break
+    assert core.state is State.CLOSED and closes(events)
+    assert sent(events).count(b"-ERR ") <= 21

@@ -223,3 +223,57 @@ async def test_pump_too_big_at_once_never_asks() -> None:
     outcome, _, _, _ = await run_pump([b"z" * 200 + b"\r\n.\r\n"], FakeUpstream(), limit=100,
                                       go_ahead=gate)
     assert outcome is Outcome.TOO_BIG and gate.calls == 0
+
+
+# -- issue 12, item 6: SMTP smuggling reproducers ------------------------------------------
+
+
+def _bare(data: bytes) -> bool:
+    """Whether ``data`` holds a LF without its CR or a CR without its LF."""
+    return data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n")
+
+
+@pytest.mark.parametrize("cut", [None, 1, 5, 9, 10, 11])
+async def test_pump_ends_at_lf_dot_lf_and_never_forwards_a_bare_lf(cut: int | None) -> None:
+    # Postfix (and many servers) end a message at LF . LF: forwarded unchanged, it ended the
+    # message upstream while the proxy kept reading, and what followed ran upstream unseen.
+    wire = b"Subject: x\n\nbody\n.\nMAIL FROM:<evil@example.test>\r\n"
+    chunks = [wire] if cut is None else [wire[:cut], wire[cut:]]
+    upstream = FakeUpstream()
+    outcome, _, reader, _ = await run_pump(chunks, upstream)
+    assert outcome is Outcome.SENT
+    assert bytes(upstream.received) == b"Subject: x\r\n\r\nbody\r\n.\r\n"
+    assert await reader.readuntil(b"\r\n") == b"MAIL FROM:<evil@example.test>\r\n"
+
+
+@pytest.mark.parametrize("wire", [b"a\rb\r\n.\r\n", b"a\r\n.\rRCPT TO:<x@example.test>\r\n.\r\n",
+                                  b"a\r\n\r.\r\n", b"x\r\n.\r.\n.\n.\r\n"])
+async def test_pump_never_forwards_a_lone_cr_or_bare_lf(wire: bytes) -> None:
+    rest = b"QUIT\r\n"
+    for cut in range(1, len(wire)):
+        upstream = FakeUpstream()
+        outcome, _, _, _ = await run_pump([wire[:cut], wire[cut:] + rest], upstream)
+        assert outcome is Outcome.SENT, (wire, cut)
+        assert not _bare(bytes(upstream.received)), (wire, cut, bytes(upstream.received))
+        assert bytes(upstream.received).endswith(b"\r\n.\r\n")
+
+
+async def test_pump_normalizes_any_line_ends_in_any_chunking() -> None:
+    import re
+
+    rng = random.Random(6)
+    ends = [b"\r\n", b"\r\n", b"\n", b"\r"]
+    for _ in range(300):
+        lines = [rng.choice([b"a", b"..", b".x", b"", b"text \xff", b"."]) for _ in range(6)]
+        raw = b"".join(line + rng.choice(ends) for line in lines) + b".\r\nQUIT\r\n"
+        # The reference: the first line holding only "." ends the message, whatever its end.
+        # A lone CR at the very end of a line is decided by the next byte, as on the wire.
+        end = next(m.end() for m in re.finditer(rb"([^\r\n]*)(\r\n|\r|\n)", raw)
+                   if m.group(1) == b".")
+        cuts = sorted(set(rng.sample(range(1, len(raw)), k=rng.randint(0, 5))))
+        chunks = [raw[a:b] for a, b in itertools.pairwise([0, *cuts, len(raw)])]
+        upstream = FakeUpstream()
+        outcome, _, reader, _ = await run_pump(chunks, upstream, eof=True)
+        assert outcome is Outcome.SENT, raw
+        assert bytes(upstream.received) == re.sub(rb"\r\n|\r|\n", b"\r\n", raw[:end]), raw
+        assert await reader.read() == raw[end:], (raw, cuts)

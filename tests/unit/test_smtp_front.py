@@ -14,7 +14,7 @@ from proxy.config import Account, Device, Settings
 from proxy.login import Refusal
 from proxy.smtp.front import SmtpFront
 from proxy.smtp.replies import Reply, format_reply
-from proxy.smtp.sessions import Opened, SizeHint
+from proxy.smtp.sessions import Opened
 from proxy.smtp.transaction import DataStart
 from proxy.smtp.upstream import SmtpUpstreamSession
 
@@ -27,15 +27,19 @@ class FakeSessions:
     """``front.Sessions`` that checks the local password only and gives the in-memory
     destination; an upstream session is made (as the relay's would be) but never connected."""
 
-    def __init__(self, kept: Kept, upstreams: list[SmtpUpstreamSession]) -> None:
+    def __init__(self, kept: Kept, upstreams: list[SmtpUpstreamSession],
+                 extensions: dict[str, str]) -> None:
         self.kept = kept
         self.upstreams = upstreams
+        self.extensions = extensions
 
     async def log_in(self, user: str, password: str) -> Opened:
         if password != "local secret":
             raise Refusal("credentials", "wrong password")
-        self.upstreams.append(SmtpUpstreamSession(ACCOUNT))
-        return Opened(ACCOUNT, self.kept)
+        upstream = SmtpUpstreamSession(ACCOUNT)
+        upstream.extensions = dict(self.extensions)
+        self.upstreams.append(upstream)
+        return Opened(ACCOUNT, self.kept, extensions=frozenset(upstream.extensions))
 
     def device_for(self, host: str) -> Device | None:
         return None
@@ -53,6 +57,7 @@ class Kept:
         self.spool = bytearray()
         self.messages: list[tuple[str | None, list[str], bytes, int]] = []
         self.events: list[str] = []
+        self.options: list[list[str]] = []  # of each MAIL and RCPT
 
     # data.Sink
     def send(self, data: bytes) -> bool:
@@ -64,10 +69,12 @@ class Kept:
 
     # Transaction
     async def mail(self, sender: str, options: list[str]) -> Reply:
+        self.options.append(options)
         self.sender, self.recipients = sender, []
         return format_reply(250, "sender kept", "2.1.0")
 
     async def rcpt(self, recipient: str, options: list[str]) -> Reply:
+        self.options.append(options)
         if recipient.startswith("nobody@"):
             return format_reply(550, "no such mailbox here", "5.1.1")
         self.recipients.append(recipient)
@@ -122,15 +129,19 @@ class Client:
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[Client, Kept, list[SmtpUpstreamSession]]]:
+async def served(request: pytest.FixtureRequest
+                 ) -> AsyncIterator[tuple[Client, Kept, list[SmtpUpstreamSession]]]:
+    """Logged in; ``request.param`` (indirect parametrization): the upstream's EHLO
+    extensions (default: none)."""
     settings = Settings()
     settings.smtp.max_message_size = 1000
     kept = Kept()
     upstreams: list[SmtpUpstreamSession] = []
     fronts: set[SmtpFront] = set()
+    extensions = dict(getattr(request, "param", {}))
 
     def make() -> SmtpFront:
-        front = SmtpFront(settings, "proxy.test", FakeSessions(kept, upstreams), SizeHint(),
+        front = SmtpFront(settings, "proxy.test", FakeSessions(kept, upstreams, extensions),
                           fronts.discard)
         fronts.add(front)
         return front
@@ -191,3 +202,48 @@ async def test_too_big_is_read_to_the_end_and_aborted(
     assert (await client.cmd("RCPT TO:<b@example.test>")).startswith("503 ")
     assert await client.cmd("EHLO again.test") != ""
     assert kept.events[-1] == "abandon"
+
+
+# -- issue 12, item 7 ----------------------------------------------------------------------
+
+
+async def test_helo_inside_a_transaction_abandons_it(
+        served: tuple[Client, Kept, list[SmtpUpstreamSession]]) -> None:
+    # Only EHLO did: the upstream kept its transaction and the next MAIL got a 503.
+    client, kept, _ = served
+    assert (await client.cmd("MAIL FROM:<a@example.test>")).startswith("250 ")
+    assert (await client.cmd("RCPT TO:<b@example.test>")).startswith("250 ")
+    assert (await client.cmd("HELO again.test")) == "250 proxy.test"
+    assert kept.events[-1] == "abandon"
+    assert (await client.cmd("RCPT TO:<b@example.test>")).startswith("503 ")
+
+
+async def test_ehlo_after_auth_offers_only_what_the_upstream_offers(
+        served: tuple[Client, Kept, list[SmtpUpstreamSession]]) -> None:
+    client, _, _ = served  # an upstream with no extensions at all
+    ehlo = await client.cmd("EHLO again.test")
+    assert "8BITMIME" not in ehlo and "SMTPUTF8" not in ehlo and "DSN" not in ehlo
+    assert "250-SIZE 1000\n" in ehlo  # [smtp] max_message_size is this proxy's own limit
+
+
+@pytest.mark.parametrize("served", [{"dsn": "", "8bitmime": "", "size": "5000"}],
+                         indirect=True)
+async def test_dsn_parameters_pass_through_when_the_upstream_has_dsn(
+        served: tuple[Client, Kept, list[SmtpUpstreamSession]]) -> None:
+    client, kept, _ = served
+    ehlo = await client.cmd("EHLO again.test")
+    assert "250-DSN" in ehlo and "250-8BITMIME" in ehlo and "SMTPUTF8" not in ehlo
+    reply = await client.cmd("MAIL FROM:<a@example.test> RET=HDRS ENVID=x1")
+    assert reply.startswith("250 "), reply
+    reply = await client.cmd("RCPT TO:<b@example.test> NOTIFY=SUCCESS,FAILURE "
+                             "ORCPT=rfc822;b@example.test")
+    assert reply.startswith("250 "), reply
+    assert kept.options[-2:] == [["RET=HDRS", "ENVID=X1"],
+                                 ["NOTIFY=SUCCESS,FAILURE", "ORCPT=RFC822;B@EXAMPLE.TEST"]]
+
+
+async def test_dsn_parameters_are_refused_without_dsn_upstream(
+        served: tuple[Client, Kept, list[SmtpUpstreamSession]]) -> None:
+    client, _, _ = served
+    reply = await client.cmd("MAIL FROM:<a@example.test> RET=HDRS")
+    assert reply.startswith("555 "), reply
