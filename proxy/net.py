@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import socket
 import ssl
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import cast
 # Before the splice, stop reading from a client that sends faster than we consume.
 _PRELOGIN_HIGH_WATER = 256 * 1024
 _WRITE_HIGH_WATER = 1024 * 1024
+
+log = logging.getLogger("mailproxy.net")
 
 
 class Conn(asyncio.Protocol):
@@ -32,6 +35,10 @@ class Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._paused_writing = False
+        # Seconds our send buffer may stay over its high-water mark before the connection is
+        # aborted (a peer that stopped reading); None: wait for ever.
+        self.stall_timeout: float | None = None
+        self._stall: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -66,6 +73,9 @@ class Conn(asyncio.Protocol):
         return None  # close our transport too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self._eof = True
         self._wake()
         if self.peer is not None and self.peer.transport is not None:
@@ -78,9 +88,22 @@ class Conn(asyncio.Protocol):
         self._paused_writing = True
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
+        if self.stall_timeout is not None and self._stall is None:
+            self._stall = asyncio.get_running_loop().call_later(self.stall_timeout,
+                                                                self._stalled)
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self._paused_writing and self.transport is not None:
+            log.info("%s read nothing of what was sent to it for %.0f s; connection cut",
+                     peer_name(self), self.stall_timeout or 0)
+            self.transport.abort()
 
     def resume_writing(self) -> None:
         self._paused_writing = False
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
 
@@ -115,6 +138,25 @@ class Conn(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+def peer_name(conn: Conn | asyncio.BaseTransport | None) -> str:
+    """The remote address of a connection, for logs ("127.0.0.2:40112"; "unknown")."""
+    transport = conn.transport if isinstance(conn, Conn) else conn
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer) if peer else "unknown"
+
+
+def peer_host(conn: Conn | asyncio.BaseTransport | None) -> str:
+    """The remote IP address of a connection (the key of per-address limits)."""
+    transport = conn.transport if isinstance(conn, Conn) else conn
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unknown"
 
 
 async def splice(a: Conn, b: Conn, a_pending: bytes = b"", b_pending: bytes = b"") -> None:

@@ -13,11 +13,12 @@ from typing import Any, cast
 from .. import __version__
 from ..config import Account, Settings, parse_hostport
 from ..login import Gate, authorize_hint
-from ..net import Conn
+from ..net import Conn, peer_host
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
 from .control import ControlServer
+from .limits import ConnectionLimits, QuietResourceErrors, raise_fd_limit, refuse
 from .notify import Event, EventName, Notifier, event_key
 
 log = logging.getLogger("mailproxy")
@@ -46,6 +47,11 @@ class Daemon:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._sessions: set[asyncio.Task[None]] = set()
+        self.limits = {proto: ConnectionLimits(listener.max_connections,
+                                               listener.max_connections_per_ip)
+                       for proto, listener in (("imap", settings.imap), ("pop3", settings.pop3),
+                                               ("smtp", settings.smtp))}
+        self._refused_logged = 0.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -56,11 +62,20 @@ class Daemon:
         return host, port
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet = QuietResourceErrors(loop)
+        quiet.install()
+        log.debug("open files limit: %d", raise_fd_limit())
+        try:
+            await self._run(loop)
+        finally:
+            quiet.uninstall()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         from ..sessions.imap import imap_session
         from ..sessions.pop3 import pop3_session
         from ..smtp import SmtpService
 
-        loop = asyncio.get_running_loop()
         listeners: dict[str, tuple[str, Session]] = {
             "imap": (self.settings.imap.listen, imap_session),
             "pop3": (self.settings.pop3.listen, pop3_session),
@@ -73,7 +88,7 @@ class Daemon:
                     reuse_address=True)
                 log.info("%s listening on %s:%d", proto, *self.address(proto))
             # aiosmtpd brings its own protocol class: its connections are drained by the service.
-            smtp = SmtpService(self.gate, self.settings)
+            smtp = SmtpService(self.gate, self.settings, self.limits["smtp"])
             self.servers["smtp"] = await smtp.start(
                 *parse_hostport(self.settings.smtp.listen), backlog=LISTEN_BACKLOG)
             log.info("smtp listening on %s:%d", *self.address("smtp"))
@@ -176,6 +191,13 @@ class Daemon:
     async def _guard(self, proto: str, session: Session, conn: Conn) -> None:
         # The protocol factory runs before the transport is attached.
         await conn.connected
+        host = peer_host(conn)
+        limits = self.limits[proto]
+        if not limits.admit(host):
+            assert conn.transport is not None
+            refuse(conn.transport, proto)
+            self._log_refused(proto, host)
+            return
         try:
             await session(self.gate, self.settings, conn)
         except asyncio.CancelledError:
@@ -185,7 +207,14 @@ class Daemon:
             log.exception("%s session failed", proto)
             conn.abort()
         finally:
+            limits.release(host)
             conn.close()
+
+    def _log_refused(self, proto: str, host: str) -> None:
+        now = time.monotonic()
+        if now - self._refused_logged >= 10.0:  # not a line per connection of a flood
+            self._refused_logged = now
+            log.warning("%s: connection from %s refused: too many connections", proto, host)
 
     async def _drain(self) -> None:
         """Give open sessions a moment to finish, then cut them off."""

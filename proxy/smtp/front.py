@@ -4,6 +4,9 @@
 can await the gate, answers MAIL, RCPT, RSET and QUIT with what the session's
 ``transaction.Transaction`` replies, and replaces aiosmtpd's DATA with a streamed one: it
 reads the message (``data.pump``) into the transaction's sink and writes every reply itself.
+
+long: one aiosmtpd subclass (AUTH, DATA, timers, admission) and its hooks; ``_Hooks`` moves to
+a module of its own once the protocol fixes in flight on this file have landed.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from .. import __version__
 from ..config import Account, Settings
+from ..daemon.limits import ConnectionLimits, refuse
 from ..login import Gate, Refusal
+from ..net import peer_host
 from .data import Outcome, pump
 from .replies import Reply, add_enhanced_codes, format_reply, refusal_reply
 from .transaction import OpenTransaction, Transaction
@@ -28,6 +33,8 @@ from .upstream import DATA_END_TIMEOUT, SmtpUpstreamSession
 
 log = logging.getLogger("mailproxy.smtp")
 
+# Failed AUTH commands on one connection before it is closed (as IMAP and POP3 do).
+MAX_AUTH_FAILURES = 5
 # Without a configured limit and before any upstream told us its SIZE.
 DEFAULT_SIZE = 35 * 1024 * 1024
 # aiosmtpd's own per-command logging would show addresses at INFO; we log our own summary.
@@ -80,7 +87,8 @@ class SmtpFront(SMTP):
 
     def __init__(self, settings: Settings, hostname: str, gate: Gate,
                  open_transaction: OpenTransaction, size_hint: SizeHint,
-                 on_lost: Callable[[SmtpFront], None]) -> None:
+                 on_lost: Callable[[SmtpFront], None],
+                 limits: ConnectionLimits | None = None) -> None:
         super().__init__(
             _Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
             data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
@@ -99,6 +107,33 @@ class SmtpFront(SMTP):
         self.transaction: Transaction | None = None
         self._verbatim = False
         self._deadline = 0.0  # of the idle timer, see _reset_timeout
+        self.limits = limits
+        self.peer = "unknown"
+        self._admitted = False  # counted in `limits`: released when the connection ends
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._auth_failures = 0
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.peer = peer_host(transport)
+        if self.limits is not None:
+            if not self.limits.admit(self.peer):
+                log.info("smtp: connection from %s refused: too many connections", self.peer)
+                refuse(transport, "smtp")
+                self._refused = True
+                return
+            self._admitted = True
+        super().connection_made(transport)
+        # The whole time allowed to log in: aiosmtpd's idle timer restarts with every command.
+        self._login_timer = self.loop.call_later(self.settings.smtp.login_timeout,
+                                                 self._login_expired)
+
+    def _login_expired(self) -> None:
+        self._login_timer = None
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if self.account is None and transport is not None and not transport.is_closing():
+            transport.write(b"421 4.4.2 Too long without logging in, closing connection\r\n")
+            transport.close()
 
     @property
     def session_task(self) -> asyncio.Task[None] | None:
@@ -222,6 +257,15 @@ class SmtpFront(SMTP):
         return "451 4.3.0 Internal error in mailproxy; please try again"
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        if self._admitted and self.limits is not None:
+            self._admitted = False
+            self.limits.release(self.peer)
+        elif self._refused:
+            self.on_lost(self)  # refused at connection_made: aiosmtpd never started
+            return
         super().connection_lost(error)
         if self.transaction is not None:
             self.transaction.close()
@@ -314,10 +358,20 @@ class SmtpFront(SMTP):
             return AuthResult(success=False, handled=True)
         try:
             account, upstream = await self.gate.log_in(
-                "smtp", user, password, SmtpUpstreamSession)
+                "smtp", user, password, SmtpUpstreamSession, peer=self.peer)
         except Refusal as refusal:
-            await self.push(refusal_reply(refusal))
+            self._auth_failures += 1
+            if self._auth_failures >= MAX_AUTH_FAILURES:
+                await self.push(f"421 4.7.0 {refusal.text}; too many failed logins, closing "
+                                "connection")
+                if self.transport is not None:
+                    self.transport.close()
+            else:
+                await self.push(refusal_reply(refusal))
             return AuthResult(success=False, handled=True)
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         assert isinstance(upstream, SmtpUpstreamSession)
         self.account = account
         self.transaction = self.open_transaction(account, upstream)

@@ -7,6 +7,7 @@ import asyncio
 import socket
 
 from ..config import Account, Settings
+from ..daemon.limits import ConnectionLimits
 from ..login import Gate
 from .front import SizeHint, SmtpFront
 from .transaction import Relay, Transaction
@@ -16,9 +17,12 @@ from .upstream import SmtpUpstreamSession
 class SmtpService:
     """The SMTP listener of the daemon and the connections it has open."""
 
-    def __init__(self, gate: Gate, settings: Settings) -> None:
+    def __init__(self, gate: Gate, settings: Settings,
+                 limits: ConnectionLimits | None = None) -> None:
         self.gate = gate
         self.settings = settings
+        self.limits = limits or ConnectionLimits(settings.smtp.max_connections,
+                                                 settings.smtp.max_connections_per_ip)
         self.hostname = socket.gethostname() or "localhost"
         self.fronts: set[SmtpFront] = set()
         self.size_hint = SizeHint()
@@ -29,7 +33,7 @@ class SmtpService:
 
     def _make(self) -> SmtpFront:
         front = SmtpFront(self.settings, self.hostname, self.gate, self.open_transaction,
-                          self.size_hint, self.fronts.discard)
+                          self.size_hint, self.fronts.discard, self.limits)
         self.fronts.add(front)
         return front
 

@@ -27,7 +27,8 @@ class FakeGate:
     """Checks the local password only: the upstream session is made but never connected."""
 
     async def log_in(self, proto: str, username: str, password: str,
-                     make_upstream: Callable[[Account], Any]) -> tuple[Account, Any]:
+                     make_upstream: Callable[[Account], Any], *,
+                     peer: str = "unknown") -> tuple[Account, Any]:
         if password != "local secret":
             raise Refusal("credentials", "wrong password")
         return ACCOUNT, make_upstream(ACCOUNT)
