@@ -63,12 +63,11 @@ class Penalty:
 
     @asynccontextmanager
     async def turn(self, peer: str) -> AsyncIterator[None]:
-        """Wait the peer's delay, one login at a time per penalised peer, so parallel
-        connections do not multiply its guesses; a peer without failures goes at once."""
-        if self.failures(peer) == 0:
-            yield
-            return
-        record = self._peers[peer]
+        """One password check at a time per peer (parallel connections do not multiply its
+        guesses nor its share of the CPU), each after the peer's delay."""
+        record = self._peers.get(peer)
+        if record is None:
+            record = self._peers[peer] = _Record()
         record.waiting += 1
         try:
             async with record.lock:
@@ -78,6 +77,8 @@ class Penalty:
                 yield
         finally:
             record.waiting -= 1
+            if not record.waiting and not record.failures:
+                self._peers.pop(peer, None)
 
     def failed(self, peer: str, account_key: str | None) -> None:
         now = self._clock()

@@ -65,7 +65,10 @@ class Vault(VaultFiles):
 
     def verified(self, account_key: str, password: str) -> bool:
         """Whether ``password`` already opened the account in this process (no scrypt)."""
-        return self._logins.known(account_key, password, self._slot_current)
+        try:
+            return self._logins.known(account_key, password, self._slot_current)
+        except (OSError, ValueError):
+            return False  # the full check says what is wrong
 
     async def dummy_check(self, password: str) -> None:
         """As long as a wrong password's check, for a user with no vault to check it with."""
