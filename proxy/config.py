@@ -140,9 +140,9 @@ class TokenSettings(_Strict):
     # Refresh at least this often even when no client connects, so refresh tokens that die when
     # unused (Microsoft: 90 days) stay alive; 0 turns it off.
     keepalive_days: float = Field(default=7.0, ge=0)
-    # How long a client login waits for a token; after a failure, logins in the next
-    # `failure_memory` seconds are answered "try again later" at once (the background
-    # refresher keeps trying).
+    # How long a client login waits for a token; within `failure_memory` seconds of such a
+    # failure, logins are answered "try again later" at once while a request is still trying
+    # (the background refresher keeps trying).
     login_timeout: float = Field(default=10.0, gt=0)
     failure_memory: float = Field(default=30.0, ge=0)
 

@@ -209,20 +209,22 @@ class Gate:
                       "this protocol and the app has the right scopes")
 
     async def _token(self, account: Account, rejected: str | None = None) -> AccessToken:
-        # A token endpoint that failed a login recently: answer at once unless a token is at
-        # hand; the background refresher (and its own retries) brings the account back.
+        # The token endpoint failed a login recently and a request is still trying (the
+        # login's, with its retries, or the background refresher's): answer at once unless a
+        # token is at hand. Nothing in flight: this login tries once more, within its deadline.
         settings = self.settings.tokens
         failed = self._token_failed.get(account.key)
-        recent = failed is not None and time.monotonic() - failed < settings.failure_memory
+        recent = failed is not None and time.monotonic() - failed < settings.failure_memory \
+            and self.tokens.source.refreshing(account.key)
         try:
             async with asyncio.timeout(0 if recent else settings.login_timeout):
                 token = await self.tokens.get_token(account.key, rejected=rejected)
         except TimeoutError:
             if not recent:
                 self._token_failed[account.key] = time.monotonic()
-                log.warning("%s: no access token within %.0f s; logins are answered "
-                            "\"try again later\" for %.0f s", account.address,
-                            settings.login_timeout, settings.failure_memory)
+                log.warning("%s: no access token within %.0f s; while the request is still "
+                            "trying, logins are answered \"try again later\" at once",
+                            account.address, settings.login_timeout)
             raise Refusal("unavailable", f"cannot get an access token for {account.address}: "
                           "the token endpoint is not answering; try again later") from None
         except TokenError as exc:
