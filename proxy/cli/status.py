@@ -18,7 +18,13 @@ def status(settings: Settings, *, as_json: bool) -> int:
         reply = query_sync(settings.control_path, "status")
     except ControlError as exc:
         raise CliError(f"the daemon's status socket did not answer properly: {exc}") from None
-    if reply is not None and "accounts" in reply:
+    if reply is not None and "accounts" not in reply:
+        # A daemon is running and said no (another user asked, or an error): not "no daemon".
+        error = str(reply.get("error") or "no account status in its reply")
+        hint = "; run `mailproxy status` as the user the daemon runs as" \
+            if error == "permission denied" else ""
+        raise CliError(f"the daemon at {settings.control_path} refused: {error}{hint}")
+    if reply is not None:
         report: dict[str, Any] = {"source": "daemon", **reply}
     else:
         report = {"source": "disk", "accounts": [_disk_status(settings, a)

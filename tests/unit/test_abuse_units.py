@@ -48,7 +48,7 @@ def test_failure_limits_per_peer_and_account_within_the_window() -> None:
     clock = Clock()
     penalty = Penalty(AuthSettings(max_failures_per_ip=3, max_failures_per_account=5,
                                    failure_window=60), clock)
-    for n in range(3):
+    for _ in range(3):
         assert not penalty.peer_blocked("10.0.0.1")
         penalty.failed("10.0.0.1", KEY)
     assert penalty.peer_blocked("10.0.0.1")
@@ -165,3 +165,26 @@ def test_pop3_upstream_refusing_stls_lacks_it_for_good() -> None:
     core.receive(b"+OK hi\r\n")
     [failed] = core.receive(b"-ERR unknown command\r\n")
     assert isinstance(failed, UpstreamFailed) and failed.lacks == "starttls"
+
+
+async def test_status_says_permission_denied_when_the_daemon_refuses(tmp_path: Path) -> None:
+    import tempfile
+
+    from proxy.cli.common import CliError
+    from proxy.cli.status import status
+    from proxy.config import Settings
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.write(b'{"error": "permission denied"}\n')
+        writer.close()
+
+    with tempfile.TemporaryDirectory(prefix="mp") as short:  # Unix socket paths are short
+        path = Path(short) / "control.sock"
+        server = await asyncio.start_unix_server(refuse, path)
+        try:
+            settings = Settings(state_dir=tmp_path, control_socket=path)
+            with pytest.raises(CliError, match="refused: permission denied; run"):
+                await asyncio.to_thread(status, settings, as_json=False)
+        finally:
+            server.close()
