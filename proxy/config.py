@@ -188,6 +188,15 @@ class NotifySettings(_Strict):
     # Consecutive failed background refreshes before "refresh_failing" is sent.
     failure_threshold: int = Field(default=3, ge=1)
     timeout: float = Field(default=10.0, gt=0)
+    # A CA bundle to trust for the webhook, besides the system's.
+    ca_file: Path | None = None
+
+    @field_validator("ca_file")
+    @classmethod
+    def _existing(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return None if value is None else value.expanduser()
 
 
 class Account(_Strict):

@@ -8,6 +8,7 @@ import errno
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,3 +189,60 @@ async def test_status_says_permission_denied_when_the_daemon_refuses(tmp_path: P
                 await asyncio.to_thread(status, settings, as_json=False)
         finally:
             server.close()
+
+
+async def test_token_endpoint_over_https_trusts_ca_file_on_top_of_the_system_store(
+        tmp_path: Path) -> None:
+    import json
+    import random
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from proxy.config import Account, TokenSettings
+    from proxy.tokens.endpoint import TokenEndpoint
+    from proxy.tokens.errors import TokenUnavailable
+    from tests.support.tlsca import make_test_ca
+
+    ca = make_test_ca(tmp_path / "ca")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"access_token": "at-https", "token_type": "Bearer",
+                               "expires_in": 3600}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(ca.server_cert, ca.server_key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        account = Account(address=KEY, provider="custom", client_id="c", scopes=[],
+                          token_url=f"https://127.0.0.1:{server.server_address[1]}/token",
+                          imap_server="127.0.0.1:993", ca_file=ca.ca_cert)
+
+        def endpoint(acc: Account) -> TokenEndpoint:
+            return TokenEndpoint(acc, TokenSettings(retries=0, request_timeout=5),
+                                 clock=time.time, sleep=asyncio.sleep, rng=random.Random(),
+                                 transport=None)
+
+        reply = await endpoint(account).request("rt", lambda s: s)
+        assert reply["access_token"] == "at-https"
+        # Without ca_file the private CA is not trusted (httpx's bundled list is not used
+        # either: the system's store, which does not hold it).
+        with pytest.raises(TokenUnavailable, match="(?i)certificate"):
+            await endpoint(account.model_copy(update={"ca_file": None})).request(
+                "rt", lambda s: s)
+    finally:
+        server.shutdown()
+        server.server_close()
