@@ -240,7 +240,7 @@ async def test_token_endpoint_over_https_trusts_ca_file_on_top_of_the_system_sto
         assert reply["access_token"] == "at-https"
         # Without ca_file the private CA is not trusted (httpx's bundled list is not used
         # either: the system's store, which does not hold it).
-        with pytest.raises(TokenUnavailable, match="(?i)certificate"):
+        with pytest.raises(TokenUnavailable, match=r"(?i)certificate"):
             await endpoint(account.model_copy(update={"ca_file": None})).request(
                 "rt", lambda s: s)
     finally:
