@@ -160,10 +160,10 @@ class Gate:
             upstream = make_upstream(account)
             await self.relogin(account, upstream)
         except Refusal as refusal:
-            log.warning("%s login from %s for %s refused: %s", proto, peer, account.address,
+            log.warning("%s login for %s from %s refused: %s", proto, account.address, peer,
                         refusal.text)
             raise
-        log.info("%s login from %s for %s via %s in %.1f ms", proto, peer, account.address,
+        log.info("%s login for %s from %s via %s in %.1f ms", proto, account.address, peer,
                  upstream.description, (time.monotonic() - started) * 1000)
         return account, upstream
 
