@@ -121,7 +121,7 @@ class Gate:
         except OSError as exc:
             log.error("account %s: cannot read the token vault: %s", account.address, exc)
             raise Refusal("unavailable", LOCAL_SHORTAGE.format(
-                exc.strerror or exc)) from None
+                (exc.strerror or str(exc)).lower())) from None
         if not opened:
             raise Refusal("credentials", "Invalid credentials")
         if not was_open:

@@ -246,3 +246,41 @@ async def test_token_endpoint_over_https_trusts_ca_file_on_top_of_the_system_sto
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_a_login_short_of_file_descriptors_gets_a_temporary_refusal() -> None:
+    from typing import cast
+
+    from proxy.config import Account, Settings
+    from proxy.login import Gate, Refusal
+    from proxy.smtp.replies import refusal_reply
+    from proxy.tokens.manager import TokenManager
+
+    class NoFiles:
+        """A vault whose file cannot be opened: the process is out of descriptors."""
+
+        def exists(self, key: str) -> bool:
+            return True
+
+        def has_legacy(self, key: str) -> bool:
+            return False
+
+        def is_open(self, key: str) -> bool:
+            return False
+
+        def verified(self, key: str, password: str) -> bool:
+            return False
+
+        async def unlock(self, key: str, password: str) -> bool:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    account = Account(address=KEY, provider="custom", client_id="c", scopes=[],
+                      token_url="https://token.example/t", imap_server="127.0.0.1:993")
+    gate = Gate(Settings(accounts=[account]), cast(Vault, NoFiles()),
+                cast(TokenManager, None))
+    with pytest.raises(Refusal) as caught:
+        await gate.log_in("smtp", KEY, "pw", lambda a: None, peer="10.0.0.1")  # type: ignore
+    assert caught.value.kind == "unavailable" and "try again later" in caught.value.text
+    assert "too many open files" in caught.value.text
+    assert str(refusal_reply(caught.value)).startswith("454 4.7.0")
+    assert gate.penalty.failures("10.0.0.1") == 0  # not the client's fault
