@@ -284,3 +284,26 @@ async def test_a_login_short_of_file_descriptors_gets_a_temporary_refusal() -> N
     assert "too many open files" in caught.value.text
     assert str(refusal_reply(caught.value)).startswith("454 4.7.0")
     assert gate.penalty.failures("10.0.0.1") == 0  # not the client's fault
+
+
+async def test_logins_do_not_reread_an_unchanged_vault_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.vault import files
+
+    vault = _vault(tmp_path)
+    assert await vault.unlock(KEY, "right")
+    reads: list[Path] = []
+    real = files.read_file
+
+    def counting(path: Path) -> Any:
+        reads.append(path)
+        return real(path)
+
+    monkeypatch.setattr(files, "read_file", counting)
+    assert await vault.unlock(KEY, "right")  # reads once, to learn the slots of this version
+    first = len(reads)
+    for _ in range(20):
+        assert await vault.unlock(KEY, "right")
+    assert len(reads) == first  # a stat each, no read
+    Vault(tmp_path).create(KEY, password="new")  # another process replaces the vault
+    assert not await vault.unlock(KEY, "right")  # the change is seen
