@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -137,14 +138,15 @@ async def test_known_good_password_passes_while_guesses_fill_the_queue(tmp_path:
 async def test_dummy_check_costs_about_a_real_one(tmp_path: Path) -> None:
     vault = _vault(tmp_path)
     real, dummy = [], []
-    for n in range(3):
+    for n in range(5):
         started = time.monotonic()
         assert not await vault.unlock(KEY, f"wrong {n}")
         real.append(time.monotonic() - started)
         started = time.monotonic()
         await vault.dummy_check(f"wrong {n}")
         dummy.append(time.monotonic() - started)
-    assert min(dummy) > 0.4 * min(real)
+    # The same scrypt: comparable, within a busy machine's noise.
+    assert 0.3 < statistics.median(dummy) / statistics.median(real) < 3, (real, dummy)
 
 
 def test_imap_upstream_without_oauth_mechanism_or_starttls_lacks_it_for_good() -> None:
