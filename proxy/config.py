@@ -131,12 +131,21 @@ class ImapListener(_Strict):
     max_line: int = Field(default=8192, ge=512)
     max_literal: int = Field(default=8192, ge=64)
     login_timeout: float = Field(default=60.0, gt=0)
+    # Open connections at once, in all and from one client address (0: no limit); one more
+    # is refused with a protocol reply and closed.
+    max_connections: int = Field(default=1000, ge=0)
+    max_connections_per_ip: int = Field(default=512, ge=0)
+    # A logged-in client that reads none of what the server sends for this long is cut off.
+    stall_timeout: float = Field(default=60.0, gt=0)
 
 
 class Pop3Listener(_Strict):
     # POP3 lines are limited by the protocol (255 octets), so there is nothing else to set.
     listen: HostPort = "127.0.0.1:1110"
     login_timeout: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=1000, ge=0)
+    max_connections_per_ip: int = Field(default=512, ge=0)
+    stall_timeout: float = Field(default=60.0, gt=0)
 
 
 class SmtpListener(_Strict):
@@ -157,6 +166,10 @@ class SmtpListener(_Strict):
     # Relay: a logged-in upstream session is kept this many seconds after its client left,
     # for the account's next client (one login for many one-message connections); 0: off.
     upstream_pool_idle: float = Field(default=60.0, ge=0)
+    # The whole time a client has to log in (commands do not extend it), and connection limits.
+    login_timeout: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=1000, ge=0)
+    max_connections_per_ip: int = Field(default=512, ge=0)
 
 
 class QueueSettings(_Strict):
@@ -243,6 +256,24 @@ class TokenSettings(_Strict):
     # Refresh at least this often even when no client connects, so refresh tokens that die when
     # unused (Microsoft: 90 days) stay alive; 0 turns it off.
     keepalive_days: float = Field(default=7.0, ge=0)
+    # How long a client login waits for a token; within `failure_memory` seconds of such a
+    # failure, logins are answered "try again later" at once while a request is still trying
+    # (the background refresher keeps trying).
+    login_timeout: float = Field(default=10.0, gt=0)
+    failure_memory: float = Field(default=30.0, ge=0)
+
+
+class AuthSettings(_Strict):
+    """Password guessing: after a failed login from an address, its next logins wait
+    `failure_delay` seconds, doubling per failure up to `failure_delay_max`, one at a time
+    (a success resets it). Over the limits within `failure_window` seconds, logins from the
+    address, or not yet verified passwords for the account, are refused for the window."""
+
+    failure_delay: float = Field(default=1.0, ge=0)
+    failure_delay_max: float = Field(default=15.0, ge=0)
+    max_failures_per_ip: int = Field(default=50, ge=1)
+    max_failures_per_account: int = Field(default=50, ge=1)
+    failure_window: float = Field(default=900.0, gt=0)
 
 
 class VaultSettings(_Strict):
@@ -273,6 +304,15 @@ class NotifySettings(_Strict):
     # Consecutive failed background refreshes before "refresh_failing" is sent.
     failure_threshold: int = Field(default=3, ge=1)
     timeout: float = Field(default=10.0, gt=0)
+    # A CA bundle to trust for the webhook, besides the system's.
+    ca_file: Path | None = None
+
+    @field_validator("ca_file")
+    @classmethod
+    def _existing(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return None if value is None else value.expanduser()
 
 
 class AdminSettings(_Strict):
@@ -464,6 +504,7 @@ class Settings(BaseSettings):
     notify: NotifySettings = NotifySettings()
     admin: AdminSettings = AdminSettings()
     queue: QueueSettings = QueueSettings()
+    auth: AuthSettings = AuthSettings()
     # The daemon's status socket (owner-only); default: control.sock in state_dir.
     control_socket: Path | None = None
     accounts: list[Account] = []

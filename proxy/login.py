@@ -15,13 +15,15 @@ from typing import Literal, Protocol
 
 from . import logs
 from .config import Account, Settings
+from .penalty import Penalty
 from .tokens.errors import AuthorizationRequired, TokenError
 from .tokens.manager import AccessToken, TokenManager
-from .vault import Vault
+from .vault import Vault, VaultBusy, VaultError
 
 log = logging.getLogger("mailproxy.login")
 
-RefusalKind = Literal["credentials", "authorization", "unavailable", "rejected"]
+# "misconfigured": permanent and not the password's fault; the text names the setting to change.
+RefusalKind = Literal["credentials", "authorization", "unavailable", "rejected", "misconfigured"]
 
 
 class Refusal(Exception):
@@ -34,7 +36,12 @@ class Refusal(Exception):
 
 
 class UpstreamError(Exception):
-    """The upstream server cannot be reached or broke the protocol."""
+    """The upstream server cannot be reached or broke the protocol; ``fix`` (a sentence naming
+    the setting to change) when it cannot do what the account needs, so retrying is useless."""
+
+    def __init__(self, text: str, fix: str | None = None) -> None:
+        super().__init__(text)
+        self.fix = fix
 
 
 @dataclass(frozen=True)
@@ -57,54 +64,121 @@ def authorize_hint(account: Account) -> str:
     return f"run `mailproxy authorize {account.address}`"
 
 
+def setting_fix(account: Account, proto: str, lacks: str) -> str:
+    """The sentence naming the setting to change when the server lacks what we need."""
+    where = f"account {account.address}"
+    if lacks == "starttls":
+        return (f"the server will not do STARTTLS; set {proto}_tls = \"implicit\" and its TLS "
+                f"port in {proto}_server for {where}")
+    if account.sasl_mechanism != "auto":
+        return (f"sasl_mechanism = \"{account.sasl_mechanism}\" is set for {where}; set it to "
+                "\"auto\" or to a mechanism the server offers")
+    return (f"point {proto}_server of {where} at a server that accepts OAuth2 (XOAUTH2 or "
+            "OAUTHBEARER)")
+
+
+LOCAL_SHORTAGE = "mailproxy is short of local resources ({}); try again later"
+
+
 @dataclass
 class Gate:
     settings: Settings
     vault: Vault
     tokens: TokenManager
 
+    def __post_init__(self) -> None:
+        self.penalty = Penalty(self.settings.auth)
+        # Per account: when a client login last failed to get a token (monotonic).
+        self._token_failed: dict[str, float] = {}
+
     async def check_password(self, username: str, password: str) -> Account:
+        """The account if ``password`` opens its vault. Unknown users cost the same work as
+        known ones, and "not authorized" is said only where no password can be checked."""
+        name = username.casefold()
         account = self.settings.account(username)
+        if self.penalty.account_blocked(name) and (
+                account is None or not self.vault.verified(account.key, password)):
+            raise Refusal("unavailable", "too many failed logins for this account; try again "
+                          "later")
         if account is None:
+            await self.vault.dummy_check(password)
             raise Refusal("credentials", "Invalid credentials")
         key = account.key
-        if not self.vault.exists(key) and not self.vault.has_legacy(key):
-            raise Refusal("authorization", f"account {account.address} is not authorized yet: "
-                          f"{authorize_hint(account)}")
-        was_open = self.vault.is_open(key)
         try:
-            unlocked = await self.vault.unlock(key, password)
-        except OSError as exc:  # e.g. a vault written by root for a daemon running as a user
+            if not self.vault.exists(key) and not self.vault.has_legacy(key):
+                # No vault: no password can be right, and the person setting up needs to know.
+                await self.vault.dummy_check(password)
+                raise Refusal("authorization", f"account {account.address} is not authorized "
+                              f"yet: {authorize_hint(account)}")
+            was_open = self.vault.is_open(key)
+            opened = await self.vault.unlock(key, password)
+        except VaultBusy as exc:
+            raise Refusal("unavailable", f"{exc}; try again later") from None
+        except (ValueError, VaultError) as exc:
+            log.error("account %s: token vault unusable: %s", account.address, exc)
+            raise Refusal("misconfigured", f"the token vault of {account.address} is unusable "
+                          "(see the mailproxy log); restore it or run `mailproxy authorize "
+                          f"{account.address} --replace`") from None
+        except PermissionError as exc:  # e.g. a vault written by root for a daemon user
             log.error("the token vault of %s cannot be read: %s", account.address, exc)
             raise Refusal("unavailable", f"the token vault of {account.address} cannot be read "
                           "by mailproxy; ask its administrator (the daemon's log says why)"
                           ) from None
-        if not unlocked:
+        except OSError as exc:
+            log.error("account %s: cannot read the token vault: %s", account.address, exc)
+            raise Refusal("unavailable", LOCAL_SHORTAGE.format(
+                (exc.strerror or str(exc)).lower())) from None
+        if not opened:
             raise Refusal("credentials", "Invalid credentials")
         if not was_open:
             log.info("token vault of %s opened by a client login", account.address)
             self.tokens.wake()  # background refresh can start for this account
         return account
 
-    async def log_in(self, proto: str, username: str, password: str,
-                     make_upstream: Callable[[Account], Upstream]) -> tuple[Account, Upstream]:
-        """Check the local password, then log in upstream; raise ``Refusal`` if anything fails."""
-        started = time.monotonic()
+    async def authenticate(self, proto: str, username: str, password: str, *,
+                           peer: str = "unknown") -> Account:
+        """The local password check of a client login, with the failure delay and limits per
+        ``peer`` (the client's address) and the log line fail2ban reads."""
+        known = self.settings.account(username)
         try:
-            account = await self.check_password(username, password)
+            if known is not None and self.vault.verified(known.key, password):
+                # A password that already opened the vault: no guess, nothing to slow down.
+                account = await self.check_password(username, password)
+            else:
+                if self.penalty.peer_blocked(peer):
+                    raise Refusal("unavailable", "too many failed logins from this address; "
+                                  "try again later")
+                async with self.penalty.turn(peer):
+                    try:
+                        account = await self.check_password(username, password)
+                    except Refusal as refusal:
+                        if refusal.kind == "credentials":
+                            self.penalty.failed(peer, username.casefold())
+                        raise
         except Refusal as refusal:
             # "(credentials)": a wrong password or an unknown user, what fail2ban counts.
-            log.warning("%s login refused for %r (%s): %s", proto, username, refusal.kind,
-                        refusal.text)
+            log.warning("%s login from %s refused for %r (%s): %s", proto, peer, username,
+                        refusal.kind, refusal.text)
             raise
+        self.penalty.succeeded(peer)
         logs.account.set(account.address)  # on the session's lines from here on
-        upstream = make_upstream(account)
+        return account
+
+    async def log_in(self, proto: str, username: str, password: str,
+                     make_upstream: Callable[[Account], Upstream], *,
+                     peer: str = "unknown") -> tuple[Account, Upstream]:
+        """Check the local password, then log in upstream; raise ``Refusal`` if anything fails.
+        ``peer``: the client's address, for the failure delay and the log."""
+        started = time.monotonic()
+        account = await self.authenticate(proto, username, password, peer=peer)
         try:
+            upstream = make_upstream(account)
             await self.relogin(account, upstream)
         except Refusal as refusal:
-            log.warning("%s login for %s refused: %s", proto, account.address, refusal.text)
+            log.warning("%s login for %s from %s refused: %s", proto, account.address, peer,
+                        refusal.text)
             raise
-        log.info("%s login for %s via %s in %.1f ms", proto, account.address,
+        log.info("%s login for %s from %s via %s in %.1f ms", proto, account.address, peer,
                  upstream.description, (time.monotonic() - started) * 1000)
         return account, upstream
 
@@ -124,6 +198,9 @@ class Gate:
             token = await self._token(account)
             await connecting
         except UpstreamError as exc:
+            if exc.fix is not None:
+                raise Refusal("misconfigured", f"{upstream.description}: {exc}; "
+                              f"{exc.fix}") from None
             raise Refusal("unavailable", f"cannot reach {upstream.description}: {exc}; "
                           "try again later") from None
         finally:
@@ -148,11 +225,34 @@ class Gate:
                       "this protocol and the app has the right scopes")
 
     async def _token(self, account: Account, rejected: str | None = None) -> AccessToken:
+        # The token endpoint failed a login recently and a request is still trying (the
+        # login's, with its retries, or the background refresher's): answer at once unless a
+        # token is at hand. Nothing in flight: this login tries once more, within its deadline.
+        settings = self.settings.tokens
+        failed = self._token_failed.get(account.key)
+        recent = failed is not None and time.monotonic() - failed < settings.failure_memory \
+            and self.tokens.source.refreshing(account.key)
         try:
-            return await self.tokens.get_token(account.key, rejected=rejected)
-        except AuthorizationRequired as exc:
-            raise Refusal("authorization", f"account {account.address} is not authorized: "
-                          f"{exc.reason}; {authorize_hint(account)}") from None
-        except TokenError as exc:
+            async with asyncio.timeout(0 if recent else settings.login_timeout):
+                token = await self.tokens.get_token(account.key, rejected=rejected)
+        except TimeoutError:
+            if not recent:
+                self._token_failed[account.key] = time.monotonic()
+                log.warning("%s: no access token within %.0f s; while the request is still "
+                            "trying, logins are answered \"try again later\" at once",
+                            account.address, settings.login_timeout)
             raise Refusal("unavailable", f"cannot get an access token for {account.address}: "
-                          f"{exc.reason}; try again later") from None
+                          "the token endpoint is not answering; try again later") from None
+        except TokenError as exc:
+            if not isinstance(exc, AuthorizationRequired):
+                self._token_failed[account.key] = time.monotonic()
+            raise self._token_refusal(account, exc) from None
+        self._token_failed.pop(account.key, None)
+        return token
+
+    def _token_refusal(self, account: Account, exc: TokenError) -> Refusal:
+        if isinstance(exc, AuthorizationRequired):
+            return Refusal("authorization", f"account {account.address} is not authorized: "
+                           f"{exc.reason}; {authorize_hint(account)}")
+        return Refusal("unavailable", f"cannot get an access token for {account.address}: "
+                       f"{exc.reason}; try again later")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import socket
 import ssl
 from pathlib import Path
@@ -27,6 +28,8 @@ _WRITE_HIGH_WATER = 1024 * 1024
 # How long a connection closed before the splice waits for the client to close its side.
 LINGER = 2.0
 
+log = logging.getLogger("mailproxy.net")
+
 
 class Conn(asyncio.Protocol):
     def __init__(self) -> None:
@@ -43,6 +46,10 @@ class Conn(asyncio.Protocol):
         self.counts: tuple[int, int] | None = None  # bytes (from, to) the peer, once closed
         self._lingering = False
         self._linger: asyncio.TimerHandle | None = None
+        # Seconds our send buffer may stay over its high-water mark before the connection is
+        # aborted (a peer that stopped reading); None: wait for ever.
+        self.stall_timeout: float | None = None
+        self._stall: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -93,6 +100,9 @@ class Conn(asyncio.Protocol):
         self.counts = tcp_counts(self.transport)
         if self._linger is not None:
             self._linger.cancel()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self._eof = True
         self._wake()
         if self.peer is not None and self.peer.transport is not None:
@@ -106,9 +116,23 @@ class Conn(asyncio.Protocol):
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.pause_reading()
         self._flow()
+        if self.stall_timeout is not None and self._stall is None:
+            self._stall = asyncio.get_running_loop().call_later(self.stall_timeout,
+                                                                self._stalled)
+
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self._paused_writing and self.transport is not None:
+            log.info("%s read nothing of what was sent to it for %.0f s; connection cut",
+                     peer_name(self), self.stall_timeout or 0)
+            self.transport.abort()
 
     def resume_writing(self) -> None:
         self._paused_writing = False
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
         self._flow()
@@ -161,6 +185,25 @@ class Conn(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+def peer_name(conn: Conn | asyncio.BaseTransport | None) -> str:
+    """The remote address of a connection, for logs ("127.0.0.2:40112"; "unknown")."""
+    transport = conn.transport if isinstance(conn, Conn) else conn
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer) if peer else "unknown"
+
+
+def peer_host(conn: Conn | asyncio.BaseTransport | None) -> str:
+    """The remote IP address of a connection (the key of per-address limits)."""
+    transport = conn.transport if isinstance(conn, Conn) else conn
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unknown"
 
 
 async def splice(a: Conn, b: Conn, a_pending: bytes = b"", b_pending: bytes = b"") -> None:

@@ -94,6 +94,13 @@ async def authorize(settings: Settings, account: Account, args: argparse.Namespa
             "last_refresh": now if grant.access_token else None}
         if account.flow in ("authorization_code", "device_code"):
             fields["refresh_token"] = grant.refresh_token
+        if vault.exists(account.key) and not vault.has_master_key and not args.replace \
+                and not vault.open_with_password(account.key, password):
+            # A new vault would lock out every device with another password of this one.
+            raise CliError(f"that password opens no slot of the existing vault of "
+                           f"{account.address}; nothing changed. Type one of its local "
+                           "passwords, or run again with --replace to make a new vault (every "
+                           "other local password of it stops working)", EXIT_USAGE)
         store_grant(vault, account, password, fields)
     print(f"{account.address} is authorized", end="")
     if grant.expires_at:

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="make a random local password and print it once")
     auth.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
                       help="how long to wait for the sign-in (default 300)")
+    auth.add_argument("--replace", action="store_true",
+                      help="without a master key, replace an existing vault that the password "
+                           "does not open (every other local password of it stops working)")
 
     password = sub.add_parser(
         "password", parents=[config], help="manage local passwords",

@@ -26,10 +26,12 @@ async def token_import(settings: Settings, account: Account, *, verify: bool) ->
               f"New local password for {account.address}: ")
     optional = vault.has_master_key
     password = read(prompt, confirm=not exists, optional=optional)
-    if exists and password is not None and not vault.open_with_password(account.key, password) \
-            and not (vault.has_master_key and vault.open_with_master(account.key)):
+    # A typed password must open the vault, master key or not: a mistyped one would otherwise
+    # be added as a new slot. With a master key, an empty answer uses the master key.
+    if exists and password is not None and not vault.open_with_password(account.key, password):
+        hint = " (leave it empty to use the master key)" if optional else ""
         raise CliError(f"that password does not open the vault of {account.address}; nothing "
-                       "changed")
+                       f"changed{hint}")
     now = time.time()
     fields: dict[str, Any] = {
         "refresh_token": refresh_token, "access_token": None, "expires_at": None,

@@ -61,6 +61,9 @@ class UpstreamFailed:
     """The upstream broke the protocol, said BYE, or cannot do what we need."""
 
     reason: str
+    # What the server lacks for good ("mechanism": no usable OAuth2 SASL mechanism,
+    # "starttls": STARTTLS missing or refused); "" when trying again may help.
+    lacks: str = field(default="", compare=False)
 
 
 Event = Send | Close | LoginRequest | StartTls | ReadyToAuthenticate | LoggedIn | Rejected \

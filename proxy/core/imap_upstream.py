@@ -41,7 +41,8 @@ class ImapUpstream(UpstreamLogin):
                 or "none"
             wanted = "AUTH=XOAUTH2 or AUTH=OAUTHBEARER" if self.preference == "auto" \
                 else f"AUTH={self.preference.upper()}"
-            return [self._fail(f"server does not offer {wanted} (it offers: {offered})")]
+            return [self._fail(f"server does not offer {wanted} (it offers: {offered})",
+                               "mechanism")]
         self._mechanism, self._token = mechanism, token
         self._challenge = {}
         tag = self._next_tag()
@@ -80,7 +81,7 @@ class ImapUpstream(UpstreamLogin):
         self._read_code(text)
         if self.starttls:
             if self.capabilities and "STARTTLS" not in self.capabilities:
-                return [self._fail("server does not offer STARTTLS")]
+                return [self._fail("server does not offer STARTTLS", "starttls")]
             self.state = State.STARTTLS
             return [Send(f"{self._next_tag()} STARTTLS\r\n".encode())]
         if any(c.startswith("AUTH=") for c in self.capabilities):
@@ -118,7 +119,7 @@ class ImapUpstream(UpstreamLogin):
         text = CODE.sub("", text)
         if self.state is State.STARTTLS:
             if status != "OK":
-                return [self._fail(f"STARTTLS refused: {text}")]
+                return [self._fail(f"STARTTLS refused: {text}", "starttls")]
             return self._start_tls("STARTTLS")
         if self.state is State.CAPABILITY:
             if status != "OK":

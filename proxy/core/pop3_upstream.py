@@ -56,7 +56,8 @@ class Pop3Upstream(UpstreamLogin):
             offered = " ".join(sorted(self.sasl or ())) or "nothing"
             wanted = "XOAUTH2 or OAUTHBEARER" if self.preference == "auto" \
                 else self.preference.upper()
-            return [self._fail(f"server does not offer SASL {wanted} (it offers: {offered})")]
+            return [self._fail(f"server does not offer SASL {wanted} (it offers: {offered})",
+                               "mechanism")]
         self._mechanism, self._token = mechanism, token
         self._challenge = {}
         self.state = State.AUTH
@@ -83,7 +84,7 @@ class Pop3Upstream(UpstreamLogin):
             return self._ask_capa()
         if state is State.STARTTLS:
             if status != "+OK":
-                return [self._fail(f"STLS refused: {text}")]
+                return [self._fail(f"STLS refused: {text}", "starttls")]
             return self._start_tls("STLS")
         if state is State.CAPABILITY:
             if status == "+OK":
@@ -136,6 +137,6 @@ class Pop3Upstream(UpstreamLogin):
         temporary = code in TEMPORARY_CODES
         if before_token and not temporary:
             # The AUTH command itself was refused: the mechanism is missing or switched off.
-            return [self._fail(f"server refused AUTH {self._mechanism}: {text}")]
+            return [self._fail(f"server refused AUTH {self._mechanism}: {text}", "mechanism")]
         self.state = State.READY
         return [Rejected(text.strip(), temporary, dict(self._challenge))]

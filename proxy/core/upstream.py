@@ -92,7 +92,7 @@ class UpstreamLogin:
     def _response(self) -> bytes:
         return initial_response(self._mechanism, self.user, self._token, self.host, self.port)
 
-    def _fail(self, reason: str) -> UpstreamFailed:
+    def _fail(self, reason: str, lacks: str = "") -> UpstreamFailed:
         self.state = State.FAILED
         self._token = ""
-        return UpstreamFailed(reason)
+        return UpstreamFailed(reason, lacks)

@@ -378,6 +378,9 @@ def query_sync(
         except TimeoutError:
             raise ControlError(
                 f"no reply from the daemon at {path} within {timeout:g}s") from None
+        except PermissionError:
+            raise ControlError(f"permission denied: the daemon's status socket {path} belongs "
+                               "to another user") from None
         except OSError as exc:
             raise ControlError(f"cannot talk to the daemon at {path}: {exc}") from None
     return _parse_reply(path, raw)

@@ -31,6 +31,7 @@ import httpx
 
 from .. import __version__
 from ..config import NotifySettings
+from ..net import client_tls_context
 
 log = logging.getLogger("mailproxy.notify")
 
@@ -207,6 +208,7 @@ class Notifier:
                 timeout=settings.timeout,
                 follow_redirects=False,
                 headers={"User-Agent": f"mailproxy/{__version__}"},
+                verify=client_tls_context(settings.ca_file),
             )
 
     @property

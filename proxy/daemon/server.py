@@ -17,11 +17,12 @@ from ..admin.host import admin_service
 from ..admin.model import LINK_COMMAND
 from ..config import Account, Settings, is_loopback_host, parse_hostport
 from ..login import Gate, authorize_hint
-from ..net import Conn
+from ..net import Conn, peer_host
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
 from .control import AlreadyRunning, ControlError, ControlServer
+from .limits import ConnectionLimits, QuietResourceErrors, raise_fd_limit, refuse
 from .notify import Event, EventName, Notifier, event_key
 from .startup import EXIT_CONFIG, EXIT_CONFLICT, StartupError, bind_error, check_state_dir
 
@@ -62,6 +63,11 @@ class Daemon:
         self.admin = admin_service(self)
         self.queue: QueueService | None = None
         self.smtp: SmtpService | None = None
+        self.limits = {proto: ConnectionLimits(listener.max_connections,
+                                               listener.max_connections_per_ip)
+                       for proto, listener in (("imap", settings.imap), ("pop3", settings.pop3),
+                                               ("smtp", settings.smtp))}
+        self._refused_logged = 0.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -72,6 +78,16 @@ class Daemon:
         return host, port
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet = QuietResourceErrors(loop)
+        quiet.install()
+        log.debug("open files limit: %d", raise_fd_limit())
+        try:
+            await self._run(loop)
+        finally:
+            quiet.uninstall()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         from ..sessions.imap import imap_session
         from ..sessions.pop3 import pop3_session
 
@@ -110,7 +126,7 @@ class Daemon:
         from ..smtp import SmtpService
 
         loop = asyncio.get_running_loop()
-        smtp = SmtpService(self.gate, self.settings, queue)
+        smtp = SmtpService(self.gate, self.settings, queue, self.limits["smtp"])
         self.smtp = smtp
         try:
             for proto, (listen, session) in listeners.items():
@@ -311,6 +327,13 @@ class Daemon:
     async def _guard(self, proto: str, session: Session, conn: Conn) -> None:
         # The protocol factory runs before the transport is attached.
         await conn.connected
+        host = peer_host(conn)
+        limits = self.limits[proto]
+        if not limits.admit(host):
+            assert conn.transport is not None
+            refuse(conn.transport, proto)
+            self._log_refused(proto, host)
+            return
         assert conn.transport is not None
         # This task's context: every line the session logs carries its peer and id.
         logs.begin_session(proto, conn.transport.get_extra_info("peername"))
@@ -325,9 +348,16 @@ class Daemon:
             log.exception("%s session failed", proto)
             conn.abort()
         finally:
+            limits.release(host)
             counts = conn.counts or logs.tcp_counts(conn.transport)
             conn.close()
             logs.log_session_end(session_log, started, counts)
+
+    def _log_refused(self, proto: str, host: str) -> None:
+        now = time.monotonic()
+        if now - self._refused_logged >= 10.0:  # not a line per connection of a flood
+            self._refused_logged = now
+            log.warning("%s: connection from %s refused: too many connections", proto, host)
 
     async def _drain(self) -> None:
         """Give open sessions a moment to finish, then cut them off."""

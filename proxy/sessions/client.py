@@ -12,7 +12,7 @@ from typing import Protocol
 from ..config import Account
 from ..core.events import Close, Event, LoginRequest, Send
 from ..login import Gate, Refusal
-from ..net import Conn, splice
+from ..net import Conn, peer_host, splice
 from .dialogue import masked
 from .upstream import UpstreamSession
 
@@ -36,13 +36,18 @@ class LocalCore(Protocol):
 async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
                        login_timeout: float,
                        make_upstream: Callable[[Account], UpstreamSession],
-                       reply_for: Callable[[Refusal], str]) -> None:
+                       reply_for: Callable[[Refusal], str],
+                       stall_timeout: float | None = None) -> None:
+    """``login_timeout``: the whole time the client has to log in (commands do not extend
+    it); ``stall_timeout``: how long a logged-in client may leave our replies unread."""
     greeting = core.greeting()
     log.debug("S: %s", greeting[:200].decode("utf-8", "replace").rstrip())
     client.write(greeting)
+    deadline = asyncio.get_running_loop().time() + login_timeout
+    peer = peer_host(client)
     while True:
         try:
-            async with asyncio.timeout(login_timeout):
+            async with asyncio.timeout_at(deadline):
                 data = await client.recv()
         except TimeoutError:
             events = core.timeout()
@@ -64,7 +69,7 @@ async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
             elif isinstance(event, LoginRequest):
                 try:
                     _, upstream = await gate.log_in(
-                        proto, event.username, event.password, make_upstream)
+                        proto, event.username, event.password, make_upstream, peer=peer)
                 except Refusal as refusal:
                     queue.extend(core.login_rejected(reply_for(refusal)))
                     continue
@@ -72,5 +77,6 @@ async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
                 assert upstream.conn is not None and upstream.logged_in is not None
                 reply, trailing = core.login_accepted(upstream.logged_in.capabilities)
                 client.write(reply)
+                client.stall_timeout = stall_timeout
                 await splice(client, upstream.conn, upstream.logged_in.trailing, trailing)
                 return

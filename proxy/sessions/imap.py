@@ -16,6 +16,7 @@ _CODES = {
     "authorization": "NO [AUTHENTICATIONFAILED]",
     "rejected": "NO [AUTHENTICATIONFAILED]",
     "unavailable": "NO [UNAVAILABLE]",
+    "misconfigured": "NO [CANNOT]",
 }
 
 
@@ -31,7 +32,7 @@ async def imap_session(gate: Gate, settings: Settings, client: Conn) -> None:
     core = ImapLocal(max_line=limits.max_line, max_literal=limits.max_literal)
     await serve_client(gate, client, core, proto="imap", login_timeout=limits.login_timeout,
                        make_upstream=ImapUpstreamSession,
-                       reply_for=_reply)
+                       reply_for=_reply, stall_timeout=limits.stall_timeout)
 
 
 def _reply(refusal: Refusal) -> str:

@@ -22,6 +22,7 @@ _CODES = {
     "authorization": "-ERR [AUTH]",
     "rejected": "-ERR [AUTH]",
     "unavailable": "-ERR [SYS/TEMP]",
+    "misconfigured": "-ERR [SYS/PERM]",
 }
 
 
@@ -43,4 +44,5 @@ def _reply(refusal: Refusal) -> str:
 async def pop3_session(gate: Gate, settings: Settings, client: Conn) -> None:
     await serve_client(gate, client, Pop3Local(), proto="pop3",
                        login_timeout=settings.pop3.login_timeout,
-                       make_upstream=Pop3UpstreamSession, reply_for=_reply)
+                       make_upstream=Pop3UpstreamSession, reply_for=_reply,
+                       stall_timeout=settings.pop3.stall_timeout)

@@ -18,7 +18,7 @@ from ..core.events import (
     UpstreamFailed,
 )
 from ..core.upstream import UpstreamLogin
-from ..login import Refusal, UpstreamError, UpstreamRejection
+from ..login import Refusal, UpstreamError, UpstreamRejection, setting_fix
 from ..net import Conn, client_tls_context, describe_error, open_connection, start_tls
 from ..providers import Server
 
@@ -49,6 +49,7 @@ class UpstreamSession:
 
     def __init__(self, account: Account, timeout: float = UPSTREAM_TIMEOUT) -> None:
         server = server_for(account, self.proto)
+        self.account = account
         self.server = server
         self.description = str(server)
         self.timeout = timeout
@@ -68,7 +69,7 @@ class UpstreamSession:
             raise UpstreamError(describe_error(exc)) from None
         event = await self._run([])
         if not isinstance(event, ReadyToAuthenticate):
-            raise UpstreamError(self._reason(event))
+            raise UpstreamError(self._reason(event), self._fix(event))
 
     async def authenticate(self, token: str) -> UpstreamRejection | None:
         event = await self._run(self.core.authenticate(token))
@@ -77,6 +78,9 @@ class UpstreamSession:
             return None
         if isinstance(event, Rejected):
             return UpstreamRejection(event.text, event.temporary)
+        fix = self._fix(event)
+        if fix is not None:
+            raise Refusal("misconfigured", f"{self.description}: {self._reason(event)}; {fix}")
         raise Refusal("unavailable", f"{self.description}: {self._reason(event)}")
 
     def close(self) -> None:
@@ -109,6 +113,11 @@ class UpstreamSession:
             if not data:
                 return UpstreamFailed("the server closed the connection")
             queue.extend(self.core.receive(data))
+
+    def _fix(self, event: Event) -> str | None:
+        if isinstance(event, UpstreamFailed) and event.lacks:
+            return setting_fix(self.account, self.proto, event.lacks)
+        return None
 
     @staticmethod
     def _reason(event: Event) -> str:

@@ -5,6 +5,9 @@ can await the gate, answers MAIL, RCPT, RSET and QUIT with what the session's
 ``transaction.Transaction`` replies, and replaces aiosmtpd's DATA with a streamed one: it
 reads the message (``data.pump``) into the transaction's sink and writes every reply itself.
 A ``[[devices]]`` network may send without AUTH (sessions.py); ``Sessions`` picks the transaction.
+
+long: one aiosmtpd subclass whose parts share its state (admission, the login deadline, AUTH,
+streamed DATA, the idle timer); its hooks live in hooks.py, the hardened base in guard.py.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from aiosmtpd.smtp import MISSING, AuthResult, Session, syntax
 
 from .. import __version__, logs
 from ..config import Account, Device, Settings
+from ..daemon.limits import ConnectionLimits, refuse
 from ..login import Refusal
+from ..net import peer_host
 from .data import Outcome, pump
 from .guard import GuardedSMTP
 from .hooks import Hooks
@@ -35,6 +40,8 @@ from .upstream import DATA_END_TIMEOUT
 log = logging.getLogger("mailproxy.smtp")
 session_log = logging.getLogger("mailproxy.session")
 
+# Failed AUTH commands on one connection before it is closed (as IMAP and POP3 do).
+MAX_AUTH_FAILURES = 5
 # Without a configured limit, and before login (the account, so its server, is not known yet).
 DEFAULT_SIZE = 35 * 1024 * 1024
 # aiosmtpd's own per-command logging would show addresses at INFO; we log our own summary.
@@ -76,7 +83,8 @@ class SmtpFront(GuardedSMTP):
     AuthLoginPasswordChallenge = "Password:"
 
     def __init__(self, settings: Settings, hostname: str, sessions: Sessions,
-                 on_lost: Callable[[SmtpFront], None]) -> None:
+                 on_lost: Callable[[SmtpFront], None],
+                 limits: ConnectionLimits | None = None) -> None:
         super().__init__(
             Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
             data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
@@ -98,6 +106,20 @@ class SmtpFront(GuardedSMTP):
         self._deadline = 0.0  # of the idle timer, see _reset_timeout
         self._log_context: contextvars.Context | None = None
         self._started = 0.0
+        self.limits = limits
+        self.peer = "unknown"
+        self._admitted = False  # counted in `limits`: released when the connection ends
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._auth_failures = 0
+        self._refused = False
+
+    def _login_expired(self) -> None:
+        self._login_timer = None
+        transport = self._real
+        if (self.account is None and transport is not None and not transport.is_closing()
+                and not self.lingering):
+            transport.write(b"421 4.4.2 Too long without logging in, closing connection\r\n")
+            self.linger()
 
     @property
     def session_task(self) -> asyncio.Task[None] | None:
@@ -253,12 +275,26 @@ class SmtpFront(GuardedSMTP):
         return "451 4.3.0 Internal error in mailproxy; please try again"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._log_context is None:  # not again after STARTTLS
+        first = self._log_context is None  # aiosmtpd calls this again after STARTTLS
+        if first:
+            self.peer = peer_host(transport)
+            if self.limits is not None:
+                if not self.limits.admit(self.peer):
+                    log.info("smtp: connection from %s refused: too many connections",
+                             self.peer)
+                    refuse(transport, "smtp")
+                    self._refused = True
+                    return
+                self._admitted = True
             # Set before aiosmtpd creates the session's task, which copies this context.
             logs.begin_session("smtp", transport.get_extra_info("peername"))
             self._log_context = contextvars.copy_context()
             self._started = time.monotonic()
         super().connection_made(transport)
+        if first:
+            # The whole time allowed to log in: aiosmtpd's idle timer restarts per command.
+            self._login_timer = self.loop.call_later(self.settings.smtp.login_timeout,
+                                                     self._login_expired)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.device = self.sessions.device_for(str(peer[0]))
@@ -266,6 +302,15 @@ class SmtpFront(GuardedSMTP):
                 self._auth_required = False  # MAIL without AUTH: the device rule decides
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+        if self._admitted and self.limits is not None:
+            self._admitted = False
+            self.limits.release(self.peer)
+        elif self._refused:
+            self.on_lost(self)  # refused at connection_made: aiosmtpd never started
+            return
         if self._log_context is not None:
             self._log_context.run(logs.log_session_end, session_log, self._started,
                                   logs.tcp_counts(self.transport))
@@ -363,10 +408,20 @@ class SmtpFront(GuardedSMTP):
             await self.push("501 5.5.2 User name and password must be UTF-8")
             return AuthResult(success=False, handled=True)
         try:
-            opened = await self.sessions.log_in(user, password)
+            opened = await self.sessions.log_in(user, password, self.peer)
         except Refusal as refusal:
-            await self.push(refusal_reply(refusal))
+            self._auth_failures += 1
+            if self._auth_failures >= MAX_AUTH_FAILURES:
+                await self.push(f"421 4.7.0 {refusal.text}; too many failed logins, closing "
+                                "connection")
+                if self.transport is not None:
+                    self.transport.close()
+            else:
+                await self.push(refusal_reply(refusal))
             return AuthResult(success=False, handled=True)
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
         self.device = None  # logged in: the account's own rules from here on
         self._open(opened)
         return AuthResult(success=True, handled=False,

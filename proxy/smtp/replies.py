@@ -117,6 +117,8 @@ def refusal_reply(refusal: Refusal) -> Reply:
     text = " ".join(refusal.text.split())
     if refusal.kind == "unavailable":
         return format_reply(454, text, "4.7.0")
+    if refusal.kind == "misconfigured":  # not the password's fault: 554, not 535
+        return format_reply(554, text, "5.7.0")
     if refusal.kind == "rejected" and "5.7.139" in text:
         return format_reply(535, f"{text}\n{MICROSOFT_SMTP_AUTH_DISABLED}", "5.7.139")
     return format_reply(535, text, "5.7.8")

@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..config import Account, Delivery, Device, Settings
+from ..daemon.limits import ConnectionLimits
 from ..login import Gate, Refusal
 from .front import DEFAULT_SIZE, SmtpFront
 from .pool import SessionPool
@@ -28,10 +29,13 @@ class SmtpService:
     """The SMTP listener of the daemon and the connections it has open; ``front.Sessions``."""
 
     def __init__(self, gate: Gate, settings: Settings,
-                 queue: QueueService | None = None) -> None:
+                 queue: QueueService | None = None,
+                 limits: ConnectionLimits | None = None) -> None:
         self.gate = gate
         self.settings = settings
         self.queue = queue
+        self.limits = limits or ConnectionLimits(settings.smtp.max_connections,
+                                                 settings.smtp.max_connections_per_ip)
         self.hostname = socket.gethostname() or "localhost"
         self.fronts: set[SmtpFront] = set()
         self.pool: SessionPool[SmtpUpstreamSession] = SessionPool(
@@ -39,15 +43,16 @@ class SmtpService:
 
     # -- front.Sessions ------------------------------------------------------------------
 
-    async def log_in(self, user: str, password: str) -> Opened:
+    async def log_in(self, user: str, password: str, peer: str) -> Opened:
         started = time.monotonic()
+        account = await self.gate.authenticate("smtp", user, password, peer=peer)
         try:
-            account = await self.gate.check_password(user, password)
             opened = await self._open(account, self.settings.smtp.delivery)
         except Refusal as refusal:
-            log.warning("smtp login for %r refused: %s", user, refusal.text)
+            log.warning("smtp login for %s from %s refused: %s", account.address, peer,
+                        refusal.text)
             raise
-        log.info("smtp login for %s (%s) in %.1f ms", account.address,
+        log.info("smtp login for %s from %s (%s) in %.1f ms", account.address, peer,
                  self.settings.smtp.delivery, (time.monotonic() - started) * 1000)
         return opened
 
@@ -90,7 +95,7 @@ class SmtpService:
 
     def _make(self) -> SmtpFront:
         front = SmtpFront(self.settings, self.hostname, self,
-                          self.fronts.discard)
+                          self.fronts.discard, self.limits)
         self.fronts.add(front)
         return front
 

@@ -31,8 +31,8 @@ class Sessions(Protocol):
     """How a connection gets its transaction (``service.SmtpService``); both ways raise
     ``Refusal``."""
 
-    async def log_in(self, user: str, password: str) -> Opened:
-        """AUTH with a local password."""
+    async def log_in(self, user: str, password: str, peer: str) -> Opened:
+        """AUTH with a local password, from the client address ``peer``."""
         ...
 
     def device_for(self, host: str) -> Device | None:

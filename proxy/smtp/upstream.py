@@ -26,7 +26,7 @@ from ..core.sasl import (
     initial_response,
     parse_failure_challenge,
 )
-from ..login import Refusal, UpstreamError, UpstreamRejection
+from ..login import Refusal, UpstreamError, UpstreamRejection, setting_fix
 from ..net import client_tls_context, describe_error
 from .data import SinkGone
 from .wire import Channel, ReplyError
@@ -55,8 +55,8 @@ class SmtpUpstreamSession:
     def __init__(self, account: Account, timeout: float = UPSTREAM_TIMEOUT) -> None:
         server = account.server("smtp")
         if server is None:
-            raise Refusal("rejected", f"account {account.address} has no smtp_server "
-                          "configured")
+            raise Refusal("misconfigured", f"account {account.address} has no smtp_server "
+                          "configured; add one to use it over SMTP")
         self.account = account
         self.server = server
         self.description = str(server)
@@ -91,9 +91,15 @@ class SmtpUpstreamSession:
             _set_nodelay(self.smtp, True)
         except aiosmtplib.SMTPResponseException as exc:
             self.close()
-            raise UpstreamError(f"{exc.code} {' '.join(exc.message.split())}") from None
+            # With STARTTLS, a 5xx while connecting is the greeting or STARTTLS refused for good.
+            fix = setting_fix(self.account, "smtp", "starttls") \
+                if exc.code >= 500 and self.server.tls == "starttls" else None
+            raise UpstreamError(f"{exc.code} {' '.join(exc.message.split())}", fix) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             self.close()
+            if "STARTTLS extension not supported" in str(exc):
+                raise UpstreamError("server does not offer STARTTLS",
+                                    setting_fix(self.account, "smtp", "starttls")) from None
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
             raise UpstreamError(describe_error(cause)) from None
         offered = frozenset(f"AUTH={m.upper()}" for m in self.smtp.server_auth_methods)
@@ -101,7 +107,8 @@ class SmtpUpstreamSession:
         if self.mechanism is None:
             self.close()
             names = " ".join(sorted(m.removeprefix("AUTH=") for m in offered)) or "none"
-            raise UpstreamError(f"the server offers no usable OAuth2 mechanism (AUTH {names})")
+            raise UpstreamError(f"the server offers no usable OAuth2 mechanism (AUTH {names})",
+                                setting_fix(self.account, "smtp", "mechanism"))
 
     async def authenticate(self, token: str) -> UpstreamRejection | None:
         mechanism = self.mechanism

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from ..config import Account, TokenSettings
+from ..net import client_tls_context
 from .errors import FlowError, TokenUnavailable
 from .grants import (
     TRANSIENT_ERRORS,
@@ -159,6 +160,8 @@ class TokenEndpoint:
                 scope=" ".join(account.scopes or ()) or None,
                 timeout=self._settings.request_timeout,
                 transport=self._transport,
+                # The system's trust store plus the account's ca_file, as for the mail servers.
+                verify=client_tls_context(account.ca_file),
             )
             for hook in ("access_token_response", "refresh_token_response"):
                 self._client.register_compliance_hook(hook, self._check_status)

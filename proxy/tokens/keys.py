@@ -9,7 +9,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import os
+import re
 import secrets
 import stat
 import unicodedata
@@ -30,7 +32,11 @@ SCRYPT_R = 8
 SCRYPT_P = 1
 # A file read back with larger costs is refused: a bad file must not exhaust memory or CPU.
 MAX_SCRYPT_MEMORY = 256 * 1024 * 1024
-MIN_MASTER_KEY_BYTES = 16
+MIN_MASTER_KEY_BYTES = 32
+HEX_KEY = re.compile(rb"[0-9a-fA-F]+")
+BASE64_KEY = re.compile(rb"[A-Za-z0-9+/_-]+={0,2}")
+CHAR_CLASSES = ((re.compile(rb"[a-z]"), 26), (re.compile(rb"[A-Z]"), 26),
+                (re.compile(rb"[0-9]"), 10), (re.compile(rb"[^a-zA-Z0-9]"), 33))
 
 
 class MasterKeyError(Exception):
@@ -112,12 +118,29 @@ def master_slot_key(master: bytes, salt: bytes) -> bytes:
 # -- master key sources ---------------------------------------------------------------------
 
 
+def key_strength(text: bytes) -> float:
+    """How many random bytes' worth a text key holds: hex and base64 count what they decode
+    to; other text is estimated from the classes of characters it uses."""
+    if HEX_KEY.fullmatch(text) and len(text) % 2 == 0:
+        return len(text) / 2
+    classes = [pattern.search(text) is not None for pattern, _ in CHAR_CLASSES]
+    if BASE64_KEY.fullmatch(text) and all(classes[:3]):  # one-class words are not base64
+        padded = text.replace(b"-", b"+").replace(b"_", b"/")
+        try:
+            return len(base64.b64decode(padded + b"=" * (-len(padded) % 4), validate=True))
+        except binascii.Error:
+            pass
+    alphabet = sum(size for (_, size), used in zip(CHAR_CLASSES, classes, strict=True) if used)
+    alphabet = min(alphabet, len(set(text)))  # "xxxx...": one symbol, however long
+    return len(text) * math.log2(max(alphabet, 2)) / 8
+
+
 def _from_text(raw: bytes, where: str) -> bytes:
     text = raw.strip()
-    if len(text) < MIN_MASTER_KEY_BYTES:
-        raise MasterKeyError(f"the master key from {where} is too short (at least "
-                        f"{MIN_MASTER_KEY_BYTES} bytes; make one with "
-                        "`head -c 32 /dev/urandom | base64`)")
+    if key_strength(text) < MIN_MASTER_KEY_BYTES:
+        raise MasterKeyError(f"the master key from {where} is too short or too guessable (at "
+                             f"least {MIN_MASTER_KEY_BYTES} random bytes' worth; make one with "
+                             "`head -c 32 /dev/urandom | base64`)")
     return text
 
 

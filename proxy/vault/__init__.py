@@ -18,8 +18,8 @@ earlier plain store), ``vault`` (``Vault``, all of these joined), ``policy`` (wh
 do to a vault).
 """
 
-from .errors import PasswordNeeded, VaultError, VaultLocked
+from .errors import PasswordNeeded, VaultBusy, VaultError, VaultLocked
 from .format import SlotInfo
 from .vault import Vault
 
-__all__ = ["PasswordNeeded", "SlotInfo", "Vault", "VaultError", "VaultLocked"]
+__all__ = ["PasswordNeeded", "SlotInfo", "Vault", "VaultBusy", "VaultError", "VaultLocked"]

@@ -15,3 +15,7 @@ class VaultLocked(VaultError, StoreLocked):
 
 class PasswordNeeded(VaultError):
     """A new vault must be made and there is neither a local password nor a master key for it."""
+
+
+class VaultBusy(VaultError):
+    """Too many password checks for the account are already waiting (a guessing storm)."""

@@ -53,6 +53,8 @@ class VaultFiles:
         self._clock = clock
         self._open: dict[str, _Open] = {}
         self._seen: dict[str, Stamp | None] = {}
+        # Per account: (stamp, vault id, slot ids) of the file version last read for a login.
+        self._slot_ids: dict[str, tuple[Stamp, str, frozenset[Any]]] = {}
         self._mutex = threading.Lock()
 
     @property
@@ -131,9 +133,19 @@ class VaultFiles:
             known = self._open.get(account_key)
         if known is None:
             return False
-        got = self._read(account_key)
-        return got is not None and got[0]["vault_id"] == known.vault_id and any(
-            s.get("id") == slot_id for s in got[0]["slots"])
+        # A login costs a stat while the file is unchanged; it is read again only when its
+        # stamp changes (every write replaces the file: a new inode).
+        stamp = file_stamp(self.path(account_key))
+        with self._mutex:
+            seen = self._slot_ids.get(account_key)
+        if seen is None or seen[0] != stamp:
+            got = self._read(account_key)
+            if got is None:
+                return False
+            seen = (got[1], got[0]["vault_id"], frozenset(s.get("id") for s in got[0]["slots"]))
+            with self._mutex:
+                self._slot_ids[account_key] = seen
+        return seen[1] == known.vault_id and slot_id in seen[2]
 
     # -- TokenStore -----------------------------------------------------------------------------
 

@@ -12,7 +12,12 @@ import secrets
 import threading
 from collections.abc import Callable
 
-from ..tokens.keys import encode_password
+from ..tokens.keys import ScryptParams, encode_password, scrypt_key
+from .errors import VaultBusy
+
+# Different passwords of one account that may be checked or wait for it at once; more are
+# refused at once (temporary), so a queue of guesses stays short in front of a real login.
+MAX_WAITING = 4
 
 
 class UnlockCache:
@@ -27,6 +32,8 @@ class UnlockCache:
         self._good: dict[str, dict[bytes, str]] = {}
         self._mutex = threading.Lock()
         self._alocks: dict[str, asyncio.Lock] = {}
+        self._pending: dict[str, dict[bytes, int]] = {}  # account -> digest -> waiting
+        self._dummy = ScryptParams.fresh()
         # Each scrypt holds 32 MiB: bound how many run at once across accounts.
         self._kdf_slots = asyncio.Semaphore(os.cpu_count() or 1)
 
@@ -72,12 +79,34 @@ class UnlockCache:
         price and is never cached."""
         digest = self._digest(password)
         if self._known(account_key, digest, current):
-            return True
+            return True  # a known-good password never waits behind guesses
         # One derivation at a time per account: concurrent first logins wait here and then hit
-        # the cache; it also slows a guessing client down to one guess per scrypt.
-        lock = self._alocks.setdefault(account_key, asyncio.Lock())
-        async with lock:
-            if self._known(account_key, digest, current):
-                return True
-            async with self._kdf_slots:
-                return await asyncio.to_thread(check, account_key, password)
+        # the cache; it also slows a guessing client down to one guess per scrypt. Logins with
+        # the same password as one already waiting join it for free; a queue of different
+        # passwords (guesses) is bounded, the excess refused at once, never made to wait.
+        pending = self._pending.setdefault(account_key, {})
+        if digest not in pending and len(pending) >= MAX_WAITING:
+            raise VaultBusy("too many logins for this account are being checked")
+        pending[digest] = pending.get(digest, 0) + 1
+        try:
+            lock = self._alocks.setdefault(account_key, asyncio.Lock())
+            async with lock:
+                if self._known(account_key, digest, current):
+                    return True
+                async with self._kdf_slots:
+                    return await asyncio.to_thread(check, account_key, password)
+        finally:
+            pending[digest] -= 1
+            if not pending[digest]:
+                del pending[digest]
+
+    def known(self, account_key: str, password: str,
+              current: Callable[[str, str], bool]) -> bool:
+        """Whether ``password`` opened the account's vault in this process (no scrypt)."""
+        return self._known(account_key, self._digest(password), current)
+
+    async def dummy(self, password: str) -> None:
+        """The work of checking a password against one slot, for a user without one (so a
+        refusal takes as long whether or not the account exists)."""
+        async with self._kdf_slots:
+            await asyncio.to_thread(scrypt_key, encode_password(password), self._dummy)

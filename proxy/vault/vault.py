@@ -63,6 +63,17 @@ class Vault(VaultFiles):
         return await self._logins.unlock(account_key, password, current=self._slot_current,
                                          check=self.open_with_password)
 
+    def verified(self, account_key: str, password: str) -> bool:
+        """Whether ``password`` already opened the account in this process (no scrypt)."""
+        try:
+            return self._logins.known(account_key, password, self._slot_current)
+        except (OSError, ValueError):
+            return False  # the full check says what is wrong
+
+    async def dummy_check(self, password: str) -> None:
+        """As long as a wrong password's check, for a user with no vault to check it with."""
+        await self._logins.dummy(password)
+
     # -- the earlier plain store ----------------------------------------------------------------
 
     def has_legacy(self, account_key: str) -> bool:

@@ -392,7 +392,7 @@ async def test_idle_client_before_login_is_dropped_with_bye(harness: ProxyHarnes
         await client.close()
 
 
-MASTER_KEY = "test master key, 32 bytes or so.."
+MASTER_KEY = "dGVzdCBtYXN0ZXIga2V5LCAzMiBieXRlcyBvciBzby4u"  # base64 of 32 bytes
 
 
 async def test_background_refresh_with_master_key_runs_before_any_login(

@@ -33,7 +33,7 @@ class FakeSessions:
         self.upstreams = upstreams
         self.extensions = extensions
 
-    async def log_in(self, user: str, password: str) -> Opened:
+    async def log_in(self, user: str, password: str, peer: str) -> Opened:
         if password != "local secret":
             raise Refusal("credentials", "wrong password")
         upstream = SmtpUpstreamSession(ACCOUNT)

@@ -22,7 +22,7 @@ from proxy.vault.migrate import hash_password
 KEY = "alice@example.com"
 RT = "refresh-token-0123456789-abcdefghij"
 AT = "access-token-9876543210-zyxwvutsrq"
-MASTER = b"a master key of more than 16 bytes"
+MASTER = b"YSBtYXN0ZXIga2V5IG9mIG1vcmUgdGhhbiAxNiBieXRlcw8x"  # base64: 35 bytes
 
 
 @pytest.fixture
@@ -266,3 +266,12 @@ def test_master_key_sources(tmp_path: Path) -> None:
         load_master_key("env:MK", {})
     with pytest.raises(MasterKeyError, match="too short"):
         load_master_key("env:MK", {"MK": "short"})
+    # Issue 12: at least 32 random bytes' worth, whatever the encoding.
+    for weak in ("a master key of more than 16 bytes", "x" * 200, "ab12" * 15,
+                 "correcthorsebatterystaplecorrecthorsebattery"):
+        with pytest.raises(MasterKeyError, match="too short or too guessable"):
+            load_master_key("env:MK", {"MK": weak})
+    for strong in ("0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9",
+                   "Q7neZnJZqwKxhu5TllHnf091+QJUMEwV3S1MdttUH14=",
+                   "FONIBYq0et3-BwtUTgbZLvOnINHO3iS7wAkdB96Da0A"):
+        assert load_master_key("env:MK", {"MK": strong}) == strong.encode()

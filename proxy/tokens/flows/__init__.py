@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from ...config import Account
+from ...net import client_tls_context
 from ..errors import FlowError
 from ..grants import (
     CLIENT_ASSERTION_TYPE,
@@ -68,7 +69,8 @@ async def authorize(
     redirect (the device flow waits as long as its code lives).
     """
     url = token_url(account)
-    async with httpx.AsyncClient(timeout=request_timeout, transport=transport) as http:
+    async with httpx.AsyncClient(timeout=request_timeout, transport=transport,
+                                 verify=client_tls_context(account.ca_file)) as http:
         if account.flow == "authorization_code":
             return await authorization_code_flow(account, console, http, url, manual=manual,
                                                  timeout=timeout, clock=clock)
