@@ -29,6 +29,9 @@ class _Vault:
     async def unlock(self, key: str, password: str) -> bool:
         return True
 
+    def verified(self, key: str, password: str) -> bool:
+        return False
+
 
 class _Tokens:
     async def get_token(self, key: str, rejected: str | None = None) -> Any:
