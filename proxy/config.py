@@ -159,6 +159,11 @@ class NotifySettings(_Strict):
     timeout: float = Field(default=10.0, gt=0)
 
 
+class MetricsSettings(_Strict):
+    # Prometheus /metrics, /livez and /readyz on a port of their own; "" (default): off.
+    listen: HostPort | Literal[""] = ""
+
+
 class Account(_Strict):
     address: str
     provider: ProviderName
@@ -316,6 +321,9 @@ class Settings(BaseSettings):
     tokens: TokenSettings = TokenSettings()
     vault: VaultSettings = VaultSettings()
     notify: NotifySettings = NotifySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    # Seconds open sessions get to finish at SIGTERM/SIGINT before they are cut off.
+    shutdown_grace: float = Field(default=10.0, ge=0, le=15)
     # The daemon's status socket (owner-only); default: control.sock in state_dir.
     control_socket: Path | None = None
     accounts: list[Account] = []

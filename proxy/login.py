@@ -10,10 +10,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from .config import Account, Settings
+from .observe import Observer
 from .tokens.errors import AuthorizationRequired, TokenError
 from .tokens.manager import AccessToken, TokenManager
 from .vault import Vault
@@ -61,6 +62,7 @@ class Gate:
     settings: Settings
     vault: Vault
     tokens: TokenManager
+    observer: Observer = field(default_factory=Observer)
 
     async def check_password(self, username: str, password: str) -> Account:
         account = self.settings.account(username)
@@ -86,13 +88,16 @@ class Gate:
             account = await self.check_password(username, password)
         except Refusal as refusal:
             log.warning("%s login refused for %r: %s", proto, username, refusal.text)
+            self.observer.login(proto, refusal.kind, time.monotonic() - started)
             raise
         upstream = make_upstream(account)
         try:
             await self.relogin(account, upstream)
         except Refusal as refusal:
             log.warning("%s login for %s refused: %s", proto, account.address, refusal.text)
+            self.observer.login(proto, refusal.kind, time.monotonic() - started)
             raise
+        self.observer.login(proto, "ok", time.monotonic() - started)
         log.info("%s login for %s via %s in %.1f ms", proto, account.address,
                  upstream.description, (time.monotonic() - started) * 1000)
         return account, upstream
@@ -100,6 +105,9 @@ class Gate:
     async def relogin(self, account: Account, upstream: Upstream) -> None:
         """Log ``upstream`` in for a client whose local password is already checked (also
         SMTP's reconnect between messages); closes it and raises ``Refusal`` on failure."""
+        if self.settings.account(account.key) is None:
+            upstream.close()  # removed by a reload: its sessions end at their next login
+            raise Refusal("credentials", f"account {account.address} is no longer configured")
         try:
             await self._upstream_login(account, upstream)
         except BaseException:
@@ -119,13 +127,13 @@ class Gate:
             if not connecting.done():
                 connecting.cancel()
                 await asyncio.gather(connecting, return_exceptions=True)
-        rejection = await upstream.authenticate(token.value)
+        rejection = await self._authenticate(upstream, token.value)
         if rejection is not None and not rejection.temporary and not token.fresh:
             # The server refused a token we thought valid (revoked, clock skew): refresh once.
             log.info("%s refused the cached token for %s; refreshing", upstream.description,
                      account.address)
             token = await self._token(account, rejected=token.value)
-            rejection = await upstream.authenticate(token.value)
+            rejection = await self._authenticate(upstream, token.value)
         if rejection is None:
             return
         if rejection.temporary:
@@ -134,6 +142,14 @@ class Gate:
         raise Refusal("rejected", f"{upstream.description} refused a freshly refreshed token "
                       f"for {account.address} ({rejection.text}); check that the mailbox allows "
                       "this protocol and the app has the right scopes")
+
+    async def _authenticate(self, upstream: Upstream, token: str) -> UpstreamRejection | None:
+        rejection = await upstream.authenticate(token)
+        result = "ok" if rejection is None else "temporary" if rejection.temporary \
+            else "rejected"
+        mechanism = str(getattr(upstream, "mechanism", None) or "unknown").lower()
+        self.observer.upstream_auth(getattr(upstream, "proto", "unknown"), mechanism, result)
+        return rejection
 
     async def _token(self, account: Account, rejected: str | None = None) -> AccessToken:
         try:

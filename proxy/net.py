@@ -15,6 +15,8 @@ import ssl
 from pathlib import Path
 from typing import cast
 
+from .observe import tcp_byte_counts
+
 # Before the splice, stop reading from a client that sends faster than we consume.
 _PRELOGIN_HIGH_WATER = 256 * 1024
 _WRITE_HIGH_WATER = 1024 * 1024
@@ -32,6 +34,10 @@ class Conn(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._paused_reading = False
         self._paused_writing = False
+        # Set by the daemon for client connections: read the kernel's byte counters when the
+        # connection ends (nothing is counted per chunk).
+        self.count_bytes = False
+        self.byte_counts: tuple[int, int] | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -66,6 +72,8 @@ class Conn(asyncio.Protocol):
         return None  # close our transport too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.count_bytes:
+            self.byte_counts = tcp_byte_counts(self.transport)  # the socket is still open here
         self._eof = True
         self._wake()
         if self.peer is not None and self.peer.transport is not None:

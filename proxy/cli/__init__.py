@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             from .run import run
 
-            return run(settings, path is None)
+            return run(settings, path is None, path)
         if args.command == "status":
             from .status import status
 

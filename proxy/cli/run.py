@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 from ..config import Settings
 from ..daemon.control import ControlError
@@ -12,8 +13,9 @@ from ..tokens.keys import MasterKeyError
 from .common import EXIT_OK, CliError
 
 
-def run(settings: Settings, defaults: bool) -> int:
-    """``defaults``: no configuration file was found."""
+def run(settings: Settings, defaults: bool, path: Path | None = None) -> int:
+    """``defaults``: no configuration file was found; ``path``: the file read (reloads read it
+    again)."""
     log = logging.getLogger("mailproxy")
     if defaults:
         log.warning("no configuration file found; running with built-in defaults "
@@ -21,7 +23,7 @@ def run(settings: Settings, defaults: bool) -> int:
     if not settings.accounts:
         log.warning("no accounts configured: every login will be refused")
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, path))
     except (MasterKeyError, ControlError) as exc:
         raise CliError(f"cannot start: {exc}") from None
     except OSError as exc:
