@@ -1,5 +1,6 @@
 """Command line: ``mailproxy run``, ``authorize``, ``password set|add|remove|list``,
-``token import`` and ``status``; one module per command group, the arguments in ``parser``."""
+``token import``, ``status``, ``reload``, ``health`` and ``check``; one module per command
+group, the arguments in ``parser``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .status import status
 
             return status(settings, as_json=args.json)
+        if args.command in ("reload", "health"):
+            from . import service
+
+            return service.reload(settings) if args.command == "reload" \
+                else service.health(settings)
+        if args.command == "check":
+            from .check import check
+
+            return asyncio.run(check(settings, args.accounts, send_test=args.send_test,
+                                     as_json=args.json))
         account = find_account(settings, args.account)
         if args.command == "authorize":
             from .authorize import authorize
