@@ -330,3 +330,37 @@ async def test_metrics_count_a_scripted_series(harness: ProxyHarness, dovecot: D
     assert value("mailproxy_relayed_bytes_total", protocol="imap", direction="out") > 0
     assert total("mailproxy_sessions") == 0
     assert total("mailproxy_build_info") == 1
+
+
+async def test_stop_gives_sessions_their_grace_and_lets_a_token_request_finish(
+        harness: ProxyHarness, token_server: TokenServer) -> None:
+    authority = token_server.authority
+    idle, late = (f"u{secrets.token_hex(6)}@example.test" for _ in range(2))
+    harness.provision(idle)
+    original = harness.provision(late)
+    settings = harness.settings(harness.account(idle), harness.account(late))
+    settings.shutdown_grace = 1.0
+    async with running(settings, Loader(settings)) as daemon:
+        client, status = await imap_login(daemon.address("imap"), idle)
+        assert status.startswith(b"t1 OK")
+        authority.rotate_refresh_tokens = True
+        authority.token_delay = 2.0  # longer than the grace
+        login = asyncio.create_task(imap_login(daemon.address("imap"), late))
+        while not daemon.gate.tokens.source.refreshing(late.casefold()):
+            await asyncio.sleep(0.01)
+        address = daemon.address("imap")
+        started = time.monotonic()
+        daemon.stop()
+        await asyncio.sleep(0.1)
+        with pytest.raises(OSError):  # no new connections once stopping
+            await RawImap.connect(*address)
+    took = time.monotonic() - started
+    # The idle session was cut after its grace; the token request was let finish.
+    assert 1.9 < took < 10, took
+    with contextlib.suppress(Exception):
+        await client.close()
+    login.cancel()
+    await asyncio.gather(login, return_exceptions=True)
+    state = harness.store(late).load(late.casefold())
+    assert state.refresh_token and state.refresh_token != original  # the rotation was saved
+    assert authority.requests_for("refresh_token")[-1][1] == late
