@@ -207,9 +207,11 @@ class Daemon:
     def status_line(self) -> str:
         sessions = sum(self._open.values()) + len(self.smtp.fronts)
         attention = self.needing_attention()
+        count = len(self.settings.accounts)
         accounts = (f"{len(attention)} need attention: " + ", ".join(attention) if attention
                     else "all authorized")
-        return f"{sessions} sessions; {len(self.settings.accounts)} accounts, {accounts}"
+        return (f"{sessions} session{'' if sessions == 1 else 's'}; "
+                f"{count} account{'' if count == 1 else 's'}, {accounts}")
 
     async def _on_event(self, account: Account, name: str, reason: str,
                         deadline: float | None) -> None:

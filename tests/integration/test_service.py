@@ -248,7 +248,7 @@ async def test_systemd_notifications_arrive_in_order(harness: ProxyHarness,
     reload_at = kinds.index("RELOADING")
     assert kinds[1:reload_at].count("WATCHDOG") >= 2  # every 0.1 s over 0.35 s
     assert "WATCHDOG" in kinds[reload_at:]
-    assert any(m.startswith("READY=1") and "STATUS=0 sessions; 1 accounts, all authorized" in m
+    assert any(m.startswith("READY=1") and "STATUS=0 sessions; 1 account, all authorized" in m
                for m in messages)
 
 
