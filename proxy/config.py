@@ -164,6 +164,25 @@ class MetricsSettings(_Strict):
     listen: HostPort | Literal[""] = ""
 
 
+class AdminSettings(_Strict):
+    # The admin page (accounts at a glance, sign-in from a browser), "host:port"; "" turns it
+    # off. Loopback only until the listeners can do TLS: it holds what signs accounts in.
+    listen: str = "127.0.0.1:8025"
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        host, _ = parse_hostport(value)
+        if not is_loopback_host(host):
+            raise ValueError(f"{value!r} is not a loopback address; the admin page is served "
+                             "without TLS, so it listens on this machine only (e.g. "
+                             "'127.0.0.1:8025'); use an SSH tunnel to reach it from elsewhere")
+        return value
+
+
 class Account(_Strict):
     address: str
     provider: ProviderName
@@ -324,6 +343,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     # Seconds open sessions get to finish at SIGTERM/SIGINT before they are cut off.
     shutdown_grace: float = Field(default=10.0, ge=0, le=15)
+    admin: AdminSettings = AdminSettings()
     # The daemon's status socket (owner-only); default: control.sock in state_dir.
     control_socket: Path | None = None
     accounts: list[Account] = []

@@ -1,6 +1,6 @@
 """Command line: ``mailproxy run``, ``authorize``, ``password set|add|remove|list``,
-``token import``, ``status``, ``reload``, ``health`` and ``check``; one module per command
-group, the arguments in ``parser``."""
+``token import``, ``status``, ``admin``, ``reload``, ``health`` and ``check``; one
+module per command group, the arguments in ``parser``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return asyncio.run(check(settings, args.accounts, send_test=args.send_test,
                                      as_json=args.json))
+        if args.command == "admin":
+            from .admin import admin
+
+            return admin(settings, browser=not args.no_browser)
         account = find_account(settings, args.account)
         if args.command == "authorize":
             from .authorize import authorize

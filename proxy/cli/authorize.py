@@ -9,16 +9,23 @@ import fcntl
 import os
 import secrets
 import sys
-import threading
 import time
-import webbrowser
 from collections.abc import Iterator
 from typing import Any
 
 from ..config import Account, Settings
 from ..tokens import flows
 from ..tokens.store import ensure_private_dir, safe_name
-from .common import EXIT_OK, EXIT_USAGE, CliError, need, open_vault, read, store_grant
+from .common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    CliError,
+    need,
+    open_browser,
+    open_vault,
+    read,
+    store_grant,
+)
 
 
 class _Console:
@@ -40,22 +47,7 @@ class _Console:
         return line.rstrip("\r\n")
 
     def open_browser(self, url: str) -> bool:
-        if not self.browser:
-            return False
-        # In a thread: webbrowser waits for some browsers to exit ($BROWSER, text browsers),
-        # which would stall the loopback listener that has to answer that very browser.
-        result: list[bool] = []
-
-        def launch() -> None:
-            try:
-                result.append(webbrowser.open(url))
-            except webbrowser.Error:
-                result.append(False)
-
-        thread = threading.Thread(target=launch, name="browser", daemon=True)
-        thread.start()
-        thread.join(2.0)
-        return result[0] if result else True  # still running: a browser is up
+        return self.browser and open_browser(url)
 
 
 @contextlib.contextmanager

@@ -1,10 +1,12 @@
 """What the commands share: exit codes and ``CliError``, finding the account, reading a value
-from a prompt or standard input, and opening the vault."""
+from a prompt or standard input, opening the vault, and opening a browser."""
 
 from __future__ import annotations
 
 import getpass
 import sys
+import threading
+import webbrowser
 from typing import Any
 
 from ..config import Account, Settings
@@ -93,3 +95,21 @@ def store_grant(vault: Vault, account: Account, password: str | None,
         print(f"note: the earlier local passwords of {account.address} ({len(lost)}) no "
               "longer work: none of them was given, so the vault was made anew",
               file=sys.stderr)
+
+
+def open_browser(url: str) -> bool:
+    """Open ``url`` in a browser; False when none could be started."""
+    # In a thread: webbrowser waits for some browsers to exit ($BROWSER, text browsers),
+    # which would stall the loopback listener that has to answer that very browser.
+    result: list[bool] = []
+
+    def launch() -> None:
+        try:
+            result.append(webbrowser.open(url))
+        except webbrowser.Error:
+            result.append(False)
+
+    thread = threading.Thread(target=launch, name="browser", daemon=True)
+    thread.start()
+    thread.join(2.0)
+    return result[0] if result else True  # still running: a browser is up

@@ -101,4 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--send-test", metavar="ADDRESS",
                        help="also send a short test message to ADDRESS through the account")
     check.add_argument("--json", action="store_true", help="machine-readable output")
+
+    admin = sub.add_parser(
+        "admin", parents=[config], help="open the admin page in a browser",
+        description="Ask the running daemon for a one-time sign-in link to its admin page "
+                    "([admin] listen), print it (as the last line) and open it in a browser. "
+                    "The link works once, within 5 minutes.")
+    admin.add_argument("--no-browser", action="store_true",
+                       help="only print the link (e.g. to open it through an SSH tunnel)")
     return parser

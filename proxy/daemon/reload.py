@@ -21,7 +21,7 @@ log = logging.getLogger("mailproxy.reload")
 
 PROTOCOLS = ("imap", "pop3", "smtp")
 # What a running daemon cannot take over: these keys need a restart.
-RESTART_KEYS = ("state_dir", "control_socket", "vault")
+RESTART_KEYS = ("state_dir", "control_socket", "vault", "admin")
 
 Loader = Callable[[], Settings]
 

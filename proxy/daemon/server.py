@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from .. import __version__
+from ..admin.host import admin_service
+from ..admin.model import LINK_COMMAND
 from ..config import Account, Settings, load_config, parse_hostport
 from ..login import Gate, authorize_hint
 from ..net import Conn
@@ -49,7 +51,7 @@ class Daemon:
         self.notifier = _notifier(settings)
         gate.tokens.set_event_sink(self._on_event)
         self.control = ControlServer(settings.control_path, self._control,
-                                     commands=("status", "reload"))
+                                     commands=("status", "reload", LINK_COMMAND))
         self.started = time.time()
         # Per account: the notifications sent by this process (event, time, results).
         self.sent: dict[str, list[dict[str, Any]]] = {}
@@ -70,6 +72,7 @@ class Daemon:
         self.systemd = SystemdNotifier(env)
         self.reloader = Reloader(self, loader or (lambda: load_config(config_path)[0]))
         self._retired_notifiers: list[Notifier] = []
+        self.admin = admin_service(self)
 
     def stop(self) -> None:
         self._stop.set()
@@ -111,6 +114,9 @@ class Daemon:
             background = [tg.create_task(self.gate.tokens.run(), name="token-refresher"),
                           tg.create_task(self.reloader.run(), name="reloader"),
                           tg.create_task(self.systemd.run(self.status_line), name="systemd")]
+            if self.admin is not None:
+                await self.admin.start()
+                background.append(tg.create_task(self.admin.serve(), name="admin-page"))
             self.ready.set()
             self.systemd.ready(self.status_line())
             await self._stop.wait()
@@ -235,6 +241,14 @@ class Daemon:
     async def _control(self, command: str) -> dict[str, Any]:
         if command == "reload":
             return await self.reloader.ask()
+        if command == LINK_COMMAND:
+            if self.admin is None:
+                return {"error": "the admin page is off ([admin] listen is empty)"}
+            return self.admin.link()
+        return await self.status_report()
+
+    async def status_report(self) -> dict[str, Any]:
+        """Every account as the token manager knows it: `mailproxy status` and the admin page."""
         accounts = []
         for account in self.settings.accounts:
             status = self.gate.tokens.status(account.key)

@@ -122,6 +122,15 @@ class TokenManager:
             "refresh_token_deadline": refresh_token_deadline(account, state),
         }
 
+    def reload(self, account_key: str) -> None:
+        """A new grant was stored through this manager's own store (the admin page): re-read
+        it at the next use, count the account as in use, forget the old grant's back-off and
+        re-plan the background refresh. (The store's change tracking only sees writes by other
+        store objects.)"""
+        self.source.reload(account_key)
+        self.refresher.reset(account_key)
+        self.wake()
+
     def wake(self) -> None:
         """Re-plan the background refresh now (an account was just unlocked)."""
         self.refresher.wake()

@@ -107,6 +107,13 @@ class Refresher:
         if self._wake is not None:
             self._wake.set()
 
+    def reset(self, account_key: str) -> None:
+        """Forget the back-off and failure count (a new grant replaced the failing one)."""
+        sched = self._schedules[account_key]
+        sched.failures = 0
+        sched.not_before = 0.0
+        sched.failing_since = None
+
     def queue_event(self, account_key: str, event: str, reason: str,
                     deadline: float | None = None) -> None:
         """Deliver a notification from the run loop (dropped when there is no sink)."""

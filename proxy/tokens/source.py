@@ -185,6 +185,12 @@ class TokenSource:
                 keep.append((task, endpoint))
         self._retired = keep
 
+    def reload(self, account_key: str) -> None:
+        """Re-read the account's state at the next use, and count it as in use now."""
+        entry = self._entry(account_key)
+        entry.loaded = False
+        entry.last_used = self._clock()
+
     async def aclose(self) -> None:
         await self.finish_requests(self._settings.request_timeout)
         for entry in self._entries.values():

@@ -102,7 +102,7 @@ def test_config_from_environment_variable(config: Path, mail_user: str) -> None:
 async def test_readme_first_command_runs_the_example_config(tmp_path: Path) -> None:
     """`mailproxy run --config config.example.toml`: starts with nothing authorized, says what
     each account needs, and answers a client with the command to run."""
-    ports = {proto: free_port() for proto in ("IMAP", "POP3", "SMTP")}
+    ports = {proto: free_port() for proto in ("IMAP", "POP3", "SMTP", "ADMIN")}
     env = {**os.environ, "MAILPROXY_STATE_DIR": str(tmp_path / "state"),
            **{f"MAILPROXY_{p}__LISTEN": f"127.0.0.1:{port}" for p, port in ports.items()}}
     proc = await asyncio.create_subprocess_exec(

@@ -3,7 +3,7 @@ read-only root file system, state in a volume, a legacy IMAP client logging in t
 its HEALTHCHECK (``mailproxy health``) passing.
 
 The image comes from ``.ci/build-image`` (mmdebstrap base + podman build); ``.ci/run`` builds it
-once and passes its tag in ``MAILPROXY_TEST_IMAGE``. Without podman the test is skipped locally
+once and passes its tag in ``CONTAINER_TEST_IMAGE``. Without podman the test is skipped locally
 and fails when ``CI`` is set.
 """
 
@@ -31,7 +31,7 @@ CONTAINER_UID = 10001  # the image's mailproxy user
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    tag = os.environ.get("MAILPROXY_TEST_IMAGE")
+    tag = os.environ.get("CONTAINER_TEST_IMAGE")
     if tag:
         return tag
     _require(shutil.which("podman") is not None and shutil.which("mmdebstrap") is not None,

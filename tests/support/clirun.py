@@ -26,9 +26,10 @@ def mailproxy(*args: str, stdin: str = "", env: dict[str, str] | None = None
 
 
 def write_config(directory: Path, token_server: TokenServer, dovecot: Dovecot, address: str,
-                 *, top: str = "", account: str = "") -> Path:
+                 *, top: str = "", account: str = "", admin: str = "") -> Path:
     """A config file with one account on the test Dovecot; ``top`` goes before the first
-    table, ``account`` into the account's table."""
+    table, ``account`` into the account's table, ``admin`` is ``[admin] listen`` (off by
+    default, so test daemons never compete for the default port)."""
     path = directory / "config.toml"
     path.write_text(f"""
 state_dir = "{directory / 'state'}"
@@ -50,6 +51,8 @@ imap_server = "{dovecot.host}:{dovecot.imaps_port}"
 imap_tls = "implicit"
 ca_file = "{dovecot.ca_file}"
 {account}
+[admin]
+listen = "{admin}"
 """)
     return path
 

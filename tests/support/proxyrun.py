@@ -11,6 +11,7 @@ from typing import Any
 
 from proxy.config import (
     Account,
+    AdminSettings,
     ImapListener,
     Pop3Listener,
     Settings,
@@ -54,7 +55,8 @@ class ProxyHarness:
         return Settings(state_dir=self.state_dir, imap=ImapListener(listen="127.0.0.1:0"),
                         pop3=Pop3Listener(listen="127.0.0.1:0"),
                         smtp=SmtpListener(listen="127.0.0.1:0"),
-                        tokens=TokenSettings(**token_settings), accounts=list(accounts))
+                        tokens=TokenSettings(**token_settings), accounts=list(accounts),
+                        admin=AdminSettings(listen=""))
 
     def provision(self, address: str, password: str = LOCAL_PASSWORD, *,
                   master_key: bytes | None = None) -> str:

@@ -153,3 +153,19 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
             main(argv)
         assert info.value.code == 0
         assert "--config" in capsys.readouterr().out
+
+
+def test_admin_listen_default_off_and_loopback_only(tmp_path: Path) -> None:
+    settings, _ = load_config(write(tmp_path, ""))
+    assert settings.admin.listen == "127.0.0.1:8025"
+    settings, _ = load_config(write(tmp_path, '[admin]\nlisten = ""\n'))
+    assert settings.admin.listen == ""
+    for ok in ("localhost:8025", "[::1]:9000", "127.0.0.2:0"):
+        settings, _ = load_config(write(tmp_path, f'[admin]\nlisten = "{ok}"\n'))
+        assert settings.admin.listen == ok
+    for bad in ("0.0.0.0:8025", "192.0.2.1:8025", "admin.example.org:443"):
+        with pytest.raises(ConfigError, match=r"admin\.listen: .*not a loopback address.*"
+                                              r"without TLS"):
+            load_config(write(tmp_path, f'[admin]\nlisten = "{bad}"\n'))
+    with pytest.raises(ConfigError, match=r"admin\.listen: expected 'host:port'"):
+        load_config(write(tmp_path, '[admin]\nlisten = "8025"\n'))

@@ -32,6 +32,7 @@ from proxy.tokens.assertion import (
 )
 from proxy.tokens.flows import (
     CLIENT_ASSERTION_TYPE,
+    DeviceCode,
     FlowError,
     Grant,
     Redirect,
@@ -39,6 +40,7 @@ from proxy.tokens.flows import (
     authorization_url,
     authorize,
     client_auth_params,
+    exchange_code,
     parse_pasted,
 )
 
@@ -615,3 +617,45 @@ async def test_broken_token_endpoints(reply: Reply, message: str) -> None:
     with pytest.raises(FlowError, match=message):
         await authorize(account(flow="client_credentials"), Console(),
                         transport=Endpoint(reply).transport)
+
+
+class ShowingConsole(Console):
+    """A console that also takes the device code as data (the admin page's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codes: list[DeviceCode] = []
+
+    def show_device_code(self, code: DeviceCode) -> None:
+        self.codes.append(code)
+
+
+async def test_device_code_is_shown_as_data_before_the_first_poll() -> None:
+    endpoint = Endpoint(ok(DEVICE), err("authorization_pending"), ok(TOKENS))
+    clock = Clock()
+    console = ShowingConsole()
+    await authorize(account(flow="device_code"), console, transport=endpoint.transport,
+                    clock=clock, sleep=clock.sleep)
+    assert console.codes == [DeviceCode("BCDF-GHJK", DEVICE["verification_uri"],
+                                        DEVICE["verification_uri_complete"], T0 + 900)]
+    assert "BCDF-GHJK" in console.said[0]  # the words are still said too
+
+
+async def test_exchange_code_sends_what_the_loopback_flow_sends() -> None:
+    endpoint = Endpoint(ok(TOKENS))
+    grant = await exchange_code(account(), "the-code", "http://127.0.0.1:8025/oauth/callback",
+                                RFC7636_VERIFIER, transport=endpoint.transport, clock=lambda: T0)
+    assert endpoint.urls == [TOKEN_URL]
+    assert endpoint.forms[0] == {
+        "grant_type": "authorization_code", "code": "the-code",
+        "redirect_uri": "http://127.0.0.1:8025/oauth/callback",
+        "code_verifier": RFC7636_VERIFIER, "client_id": "client-1", "client_secret": SECRET}
+    assert grant.refresh_token == "RT-1-secret" and grant.expires_at == T0 + 3599
+
+
+async def test_exchange_code_refused() -> None:
+    endpoint = Endpoint(err("invalid_grant", "code already used"))
+    with pytest.raises(FlowError, match="exchanging the authorization code was refused: "
+                                        "invalid_grant"):
+        await exchange_code(account(), "c", "http://127.0.0.1:8025/oauth/callback",
+                            RFC7636_VERIFIER, transport=endpoint.transport)

@@ -22,15 +22,22 @@ from ..grants import (
     client_auth_params,
     token_url,
 )
-from .authcode import Redirect, authorization_code_flow, authorization_url, parse_pasted
+from .authcode import (
+    Redirect,
+    authorization_code_flow,
+    authorization_url,
+    parse_pasted,
+    redeem_code,
+)
 from .device import DEVICE_CODE_GRANT, device_code_flow
-from .exchange import Console, Grant, grant_from, token_request
+from .exchange import Console, DeviceCode, Grant, grant_from, token_request
 
 __all__ = [
     "CLIENT_ASSERTION_TYPE",
     "DEVICE_CODE_GRANT",
     "JWT_BEARER_GRANT",
     "Console",
+    "DeviceCode",
     "FlowError",
     "Grant",
     "Redirect",
@@ -38,6 +45,7 @@ __all__ = [
     "authorization_url",
     "authorize",
     "client_auth_params",
+    "exchange_code",
     "parse_pasted",
 ]
 
@@ -71,3 +79,21 @@ async def authorize(
         form = app_token_form(account, now=now)
         answer = await token_request(http, account, url, form, f"the {account.flow} request")
         return grant_from(account, answer, now, refresh=False)
+
+
+async def exchange_code(
+    account: Account,
+    code: str,
+    redirect_uri: str,
+    code_verifier: str,
+    *,
+    request_timeout: float = 20.0,
+    transport: httpx.AsyncBaseTransport | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Grant:
+    """Redeem an authorization code whose redirect someone else received (the admin page's
+    ``/oauth/callback``); the same request ``authorize`` makes after its loopback redirect."""
+    url = token_url(account)
+    async with httpx.AsyncClient(timeout=request_timeout, transport=transport) as http:
+        return await redeem_code(account, http, url, code, redirect_uri, code_verifier,
+                                 clock())

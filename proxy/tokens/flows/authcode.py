@@ -155,7 +155,13 @@ async def authorization_code_flow(
                     f"`mailproxy authorize --manual {account.address}`.") from None
         finally:
             await loopback.close()
-    now = clock()
+    return await redeem_code(account, http, token_url, code, redirect_uri, verifier, clock())
+
+
+async def redeem_code(account: Account, http: httpx.AsyncClient, token_url: str, code: str,
+                      redirect_uri: str, verifier: str, now: float) -> Grant:
+    """Exchange an authorization code for a grant (PKCE verifier, the same redirect_uri);
+    also for a redirect another listener received (the admin page's ``/oauth/callback``)."""
     form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
             "code_verifier": verifier, "client_id": account.client_id}
     form.update(client_auth_params(account, token_url, now=now))

@@ -11,7 +11,16 @@ import httpx
 from ...config import Account
 from ..errors import FlowError
 from ..grants import Refused, client_auth_params
-from .exchange import Console, Grant, Unreachable, grant_from, post, refusal, token_request
+from .exchange import (
+    Console,
+    DeviceCode,
+    Grant,
+    Unreachable,
+    grant_from,
+    post,
+    refusal,
+    token_request,
+)
 
 DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 # RFC 8628: poll every 5 s unless told otherwise, 5 s slower after each slow_down.
@@ -68,6 +77,10 @@ async def device_code_flow(
     interval = _number(answer.get("interval"), DEFAULT_INTERVAL)
     expires_at = start + _number(answer.get("expires_in"), DEFAULT_DEVICE_LIFETIME)
     complete = answer.get("verification_uri_complete")
+    shown = getattr(console, "show_device_code", None)
+    if shown is not None:  # a console that shows the code itself (the admin page)
+        shown(DeviceCode(user_code, str(verify), complete if isinstance(complete, str) else None,
+                         expires_at))
     also = f"\n(or open {complete}, which carries the code)" if isinstance(complete, str) else ""
     console.say(f"To authorize {account.address}, open {verify} in a browser on any device and "
                 f"enter the code\n\n  {user_code}\n{also}\nThe code expires in "

@@ -34,6 +34,17 @@ class Console(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class DeviceCode:
+    """What the person needs for the device flow; given to a console's optional
+    ``show_device_code(code)`` as soon as it is known (the admin page shows it itself)."""
+
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    expires_at: float  # epoch seconds, by the flow's clock
+
+
 @dataclass(repr=False)
 class Grant:
     """What a successful flow produced, for the token store."""

@@ -1,0 +1,123 @@
+"""What the admin page shows and asks for, as plain data, and the one interface (``Backend``)
+through which it reaches the daemon. ``proxy.admin.host`` implements it; tests may fake it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+# The control socket command that hands out a sign-in link (``mailproxy admin``); the answer
+# is {"url": ..., "expires_in": seconds} or {"error": ...}.
+LINK_COMMAND = "admin-link"
+
+Flow = Literal["authorization_code", "device_code", "client_credentials", "service_account"]
+VaultState = Literal["open", "locked", "missing", "unknown"]
+# What storing a new grant needs from the person: nothing (the vault is open or a master key
+# opens it), a new local password (no vault yet), or a current one (a locked vault; a new one
+# there replaces the vault and the account's other passwords stop working).
+PasswordNeed = Literal["none", "new", "current"]
+
+
+def free_label(taken: list[str]) -> str:
+    """The first ``password-N`` not yet taken (as ``mailproxy password add`` names them)."""
+    n = len(taken) + 1
+    while f"password-{n}" in taken:
+        n += 1
+    return f"password-{n}"
+
+
+class AdminError(Exception):
+    """An action failed; the text says why and what to do, and holds no secret."""
+
+
+@dataclass(frozen=True)
+class Notice:
+    event: str
+    at: float
+
+
+@dataclass(frozen=True)
+class AccountView:
+    """One account as the token manager knows it (the control socket's status, plus config)."""
+
+    key: str
+    address: str
+    provider: str
+    flow: Flow
+    authorized: bool
+    reason: str | None  # why not authorized
+    vault: VaultState
+    access_token_valid: bool = False
+    expires_at: float | None = None
+    last_refresh: float | None = None
+    next_refresh: float | None = None
+    refreshing: bool = False
+    last_result: str | None = None
+    last_error: str | None = None
+    failures: int = 0
+    passwords: int = 0
+    master_key_slot: bool = False
+    notices: tuple[Notice, ...] = ()
+
+    @property
+    def app_only(self) -> bool:
+        return self.flow in ("client_credentials", "service_account")
+
+
+@dataclass(frozen=True)
+class PasswordView:
+    label: str
+    kind: Literal["password", "master", "legacy"]
+    created: float
+
+
+@dataclass(frozen=True)
+class DeviceCodeView:
+    user_code: str
+    verification_uri: str
+    verification_uri_complete: str | None
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class SignedIn:
+    """A stored grant: what to tell the person."""
+
+    message: str
+    replaced_passwords: int = 0  # earlier local passwords that no longer work
+    notes: tuple[str, ...] = field(default=())
+
+
+class Backend(Protocol):
+    """The daemon as the admin page sees it. Blocking work happens behind these calls."""
+
+    version: str
+    pid: int
+    started: float
+
+    def clock(self) -> float: ...
+
+    async def accounts(self) -> list[AccountView]: ...
+
+
+    async def password_need(self, key: str) -> PasswordNeed: ...
+
+    def authorization_url(self, key: str, redirect_uri: str, state: str,
+                          code_verifier: str) -> str: ...
+
+    async def sign_in_with_code(self, key: str, code: str, redirect_uri: str,
+                                code_verifier: str, password: str | None) -> SignedIn: ...
+
+    async def sign_in_with_device(self, key: str, show: Callable[[DeviceCodeView], None],
+                                  password: str | None) -> SignedIn: ...
+
+    async def sign_in_app(self, key: str, password: str | None) -> SignedIn:
+        """client_credentials / service_account: one token request, stored like a sign-in."""
+        ...
+
+    async def passwords(self, key: str) -> list[PasswordView]: ...
+
+    async def add_password(self, key: str, label: str, password: str) -> None: ...
+
+    async def remove_password(self, key: str, label: str) -> None: ...
