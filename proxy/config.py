@@ -315,6 +315,11 @@ class NotifySettings(_Strict):
         return None if value is None else value.expanduser()
 
 
+class MetricsSettings(_Strict):
+    # Prometheus /metrics, /livez and /readyz on a port of their own; "" (default): off.
+    listen: HostPort | Literal[""] = ""
+
+
 class AdminSettings(_Strict):
     # The admin page (accounts at a glance, sign-in from a browser), "host:port"; "" turns it
     # off. Loopback only until the listeners can do TLS: it holds what signs accounts in.
@@ -502,6 +507,9 @@ class Settings(BaseSettings):
     tokens: TokenSettings = TokenSettings()
     vault: VaultSettings = VaultSettings()
     notify: NotifySettings = NotifySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    # Seconds open sessions get to finish at SIGTERM/SIGINT before they are cut off.
+    shutdown_grace: float = Field(default=10.0, ge=0, le=15)
     admin: AdminSettings = AdminSettings()
     queue: QueueSettings = QueueSettings()
     auth: AuthSettings = AuthSettings()

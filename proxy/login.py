@@ -10,11 +10,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from . import logs
 from .config import Account, Settings
+from .observe import Observer
 from .penalty import Penalty
 from .tokens.errors import AuthorizationRequired, TokenError
 from .tokens.manager import AccessToken, TokenManager
@@ -85,6 +86,7 @@ class Gate:
     settings: Settings
     vault: Vault
     tokens: TokenManager
+    observer: Observer = field(default_factory=Observer)
 
     def __post_init__(self) -> None:
         self.penalty = Penalty(self.settings.auth)
@@ -139,6 +141,7 @@ class Gate:
                            peer: str = "unknown") -> Account:
         """The local password check of a client login, with the failure delay and limits per
         ``peer`` (the client's address) and the log line fail2ban reads."""
+        started = time.monotonic()
         known = self.settings.account(username)
         try:
             if known is not None and self.vault.verified(known.key, password):
@@ -159,6 +162,7 @@ class Gate:
             # "(credentials)": a wrong password or an unknown user, what fail2ban counts.
             log.warning("%s login from %s refused for %r (%s): %s", proto, peer, username,
                         refusal.kind, refusal.text)
+            self.observer.login(proto, refusal.kind, time.monotonic() - started)
             raise
         self.penalty.succeeded(peer)
         logs.account.set(account.address)  # on the session's lines from here on
@@ -177,7 +181,9 @@ class Gate:
         except Refusal as refusal:
             log.warning("%s login for %s from %s refused: %s", proto, account.address, peer,
                         refusal.text)
+            self.observer.login(proto, refusal.kind, time.monotonic() - started)
             raise
+        self.observer.login(proto, "ok", time.monotonic() - started)
         log.info("%s login for %s from %s via %s in %.1f ms", proto, account.address, peer,
                  upstream.description, (time.monotonic() - started) * 1000)
         return account, upstream
@@ -185,6 +191,9 @@ class Gate:
     async def relogin(self, account: Account, upstream: Upstream) -> None:
         """Log ``upstream`` in for a client whose local password is already checked (also
         SMTP's reconnect between messages); closes it and raises ``Refusal`` on failure."""
+        if self.settings.account(account.key) is None:
+            upstream.close()  # removed by a reload: its sessions end at their next login
+            raise Refusal("credentials", f"account {account.address} is no longer configured")
         try:
             await self._upstream_login(account, upstream)
         except BaseException:
@@ -208,13 +217,13 @@ class Gate:
             # here, not reported later as "Task exception was never retrieved".
             connecting.cancel()
             await asyncio.gather(connecting, return_exceptions=True)
-        rejection = await upstream.authenticate(token.value)
+        rejection = await self._authenticate(upstream, token.value)
         if rejection is not None and not rejection.temporary and not token.fresh:
             # The server refused a token we thought valid (revoked, clock skew): refresh once.
             log.info("%s refused the cached token for %s; refreshing", upstream.description,
                      account.address)
             token = await self._token(account, rejected=token.value)
-            rejection = await upstream.authenticate(token.value)
+            rejection = await self._authenticate(upstream, token.value)
         if rejection is None:
             return
         if rejection.temporary:
@@ -223,6 +232,14 @@ class Gate:
         raise Refusal("rejected", f"{upstream.description} refused a freshly refreshed token "
                       f"for {account.address} ({rejection.text}); check that the mailbox allows "
                       "this protocol and the app has the right scopes")
+
+    async def _authenticate(self, upstream: Upstream, token: str) -> UpstreamRejection | None:
+        rejection = await upstream.authenticate(token)
+        result = "ok" if rejection is None else "temporary" if rejection.temporary \
+            else "rejected"
+        mechanism = str(getattr(upstream, "mechanism", None) or "unknown").lower()
+        self.observer.upstream_auth(getattr(upstream, "proto", "unknown"), mechanism, result)
+        return rejection
 
     async def _token(self, account: Account, rejected: str | None = None) -> AccessToken:
         # The token endpoint failed a login recently and a request is still trying (the

@@ -77,12 +77,16 @@ class DaemonBackend:
         from .. import __version__
 
         self._daemon = daemon
-        self._settings: Settings = daemon.settings
         self._vault = daemon.gate.vault
         self._tokens = daemon.gate.tokens
         self.version = __version__
         self.pid = os.getpid()
         self.started = daemon.started
+
+    @property
+    def _settings(self) -> Settings:
+        """The daemon's settings now: a reload replaces them."""
+        return self._daemon.settings
 
     def clock(self) -> float:
         return time.time()

@@ -1,6 +1,7 @@
 """Command line: ``mailproxy run``, ``authorize``, ``password set|add|remove|list``,
-``token import``, ``status``, ``admin`` and ``queue list|show|retry|delete``; one module per
-command group (the queue's in ``proxy.queue.admin``), the arguments in ``parser``."""
+``token import``, ``status``, ``admin``, ``queue list|show|retry|delete``, ``reload``,
+``health`` and ``check``; one module per command group (the queue's in ``proxy.queue.admin``),
+the arguments in ``parser``."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .status import status
 
             return status(settings, as_json=args.json)
+        if args.command in ("reload", "health"):
+            from . import service
+
+            return service.reload(settings) if args.command == "reload" \
+                else service.health(settings)
+        if args.command == "check":
+            from .check import check
+
+            return asyncio.run(check(settings, args.accounts, send_test=args.send_test,
+                                     as_json=args.json))
         if args.command == "admin":
             from .admin import admin
 

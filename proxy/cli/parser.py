@@ -100,6 +100,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "without one, reads the state on disk.")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    sub.add_parser(
+        "reload", parents=[config], help="make the running daemon re-read its configuration",
+        description="The daemon re-reads its configuration file (as on SIGHUP) and applies the "
+                    "difference: accounts, listeners, limits, notifications, metrics. Sessions "
+                    "in flight go on. A configuration that does not load is refused (exit 2) "
+                    "and the running one stays.")
+    sub.add_parser(
+        "health", parents=[config], help="exit 0 when the running daemon answers",
+        description="For a container HEALTHCHECK or a monitor: asks the daemon's /livez "
+                    "([metrics] listen) or, when metrics are off, its status socket.")
+
+    check = sub.add_parser(
+        "check", parents=[config], help="test each account step by step",
+        description="For each ACCOUNT (default: all): the configuration, the vault, a token "
+                    "(with the master key, else the local password read from standard input "
+                    "or a prompt), an upstream login over each configured protocol and, with "
+                    "--send-test, a real message. Each step is OK or FAIL with what to do. "
+                    "Exit 0 only when every step passed.")
+    check.add_argument("accounts", nargs="*", metavar="ACCOUNT", help="the accounts to check")
+    check.add_argument("--send-test", metavar="ADDRESS",
+                       help="also send a short test message to ADDRESS through the account")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+
     admin = sub.add_parser(
         "admin", parents=[config], help="open the admin page in a browser",
         description="Ask the running daemon for a one-time sign-in link to its admin page "

@@ -48,6 +48,11 @@ class UpstreamLogin:
         self._token = ""
         self._challenge: dict[str, object] = {}
 
+    @property
+    def mechanism(self) -> str:
+        """The SASL mechanism chosen (or to be chosen) for the login."""
+        return self._mechanism
+
     def receive(self, data: bytes) -> list[Event]:
         if self.state in (State.DONE, State.FAILED):
             raise RuntimeError(f"receive() after the login ended ({self.state.name})")

@@ -104,12 +104,18 @@ class ControlServer:
         self._stamp: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we bound
         self._clients: set[asyncio.Task[None]] = set()
 
+    def lock(self) -> None:
+        """Take the single-instance lock now (the daemon does it before anything else);
+        ControlError when another daemon holds it. ``aclose`` releases it."""
+        if self._lock_fd is None:
+            _check_path_length(self.path)
+            ensure_private_dir(self.path.parent)
+            self._take_lock()
+
     async def start(self) -> None:
         """Bind and serve. Raises ControlError when another daemon serves this path, when the
         path is taken by something that is not a socket, or when it cannot be bound."""
-        _check_path_length(self.path)
-        ensure_private_dir(self.path.parent)
-        self._take_lock()
+        self.lock()
         try:
             await self._clear_stale_socket()
             sock = self._bind()

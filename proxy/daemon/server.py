@@ -1,21 +1,23 @@
-"""The daemon: listeners, the background token refresher, sessions, and a clean shutdown."""
+"""The daemon: listeners, the background token refresher, sessions, reload, and a clean
+shutdown (with systemd notifications and metrics when configured)."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import __version__, logs
 from ..admin.host import admin_service
 from ..admin.model import LINK_COMMAND
-from ..config import Account, Settings, is_loopback_host, parse_hostport
+from ..config import Account, Settings, is_loopback_host, load_config, parse_hostport
 from ..login import Gate, authorize_hint
 from ..net import Conn, peer_host
 from ..tokens.keys import load_master_key
@@ -23,50 +25,67 @@ from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
 from .control import AlreadyRunning, ControlError, ControlServer
 from .limits import ConnectionLimits, QuietResourceErrors, raise_fd_limit, refuse
+from .metrics import Metrics, MetricsServer
 from .notify import Event, EventName, Notifier, event_key
+from .reload import Loader, Reloader
 from .startup import EXIT_CONFIG, EXIT_CONFLICT, StartupError, bind_error, check_state_dir
+from .systemd import SystemdNotifier
 
 if TYPE_CHECKING:
     from ..queue.service import QueueService
-    from ..smtp import SmtpService
 
 log = logging.getLogger("mailproxy")
 session_log = logging.getLogger("mailproxy.session")
 
 LISTEN_BACKLOG = 4096
-SHUTDOWN_GRACE = 5.0
+# Everything from SIGTERM to exit fits in this (the unit's TimeoutStopSec is 20 s): sessions get
+# `shutdown_grace`, then a token request on the wire gets what is left.
+STOP_BUDGET = 18.0
 
 Session = Callable[[Gate, Settings, Conn], Awaitable[None]]
 
 
 class Daemon:
-    def __init__(self, settings: Settings, gate: Gate | None = None,
-                 config_path: Path | None = None) -> None:
+    def __init__(self, settings: Settings, gate: Gate | None = None, *,
+                 config_path: Path | None = None, loader: Loader | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        from ..smtp import SmtpService
+
         self.settings = settings
         self.config_path = config_path
         if gate is None:
             gate = make_gate(settings)
         self.gate = gate
-        master = settings.vault.master_key or ""
-        self.notifier = Notifier(settings.notify, drop_env=[master[4:]] if master.startswith(
-            "env:") else [])
+        self.notifier = _notifier(settings)
         gate.tokens.set_event_sink(self._on_event)
         self.control = ControlServer(settings.control_path, self._control,
-                                     commands=("status", LINK_COMMAND))
+                                     commands=("status", "reload", LINK_COMMAND))
         self.started = time.time()
         # Per account: the notifications sent by this process (event, time, results).
         self.sent: dict[str, list[dict[str, Any]]] = {}
         self.servers: dict[str, asyncio.Server] = {}
-        self.ready = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._sessions: set[asyncio.Task[None]] = set()
-        self.admin = admin_service(self)
-        self.queue: QueueService | None = None
-        self.smtp: SmtpService | None = None
         self.limits = {proto: ConnectionLimits(listener.max_connections,
                                                listener.max_connections_per_ip)
                        for proto, listener in (("imap", settings.imap), ("pop3", settings.pop3),
                                                ("smtp", settings.smtp))}
+        self.smtp = SmtpService(gate, settings, None, self.limits["smtp"])
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._sessions: set[asyncio.Task[None]] = set()
+        self._open: dict[str, int] = {"imap": 0, "pop3": 0}
+        self.metrics = Metrics()
+        gate.observer = self.metrics
+        gate.tokens.source.outcome = self.metrics.token_request
+        self.metrics.watch_tokens(lambda: self.settings.accounts, lambda: self.gate.tokens)
+        for proto in self._open:
+            self.metrics.count_sessions(proto, functools.partial(self._open.__getitem__, proto))
+        self.metrics.count_sessions("smtp", lambda: len(self.smtp.fronts))
+        self.metrics_server = MetricsServer(self.metrics, self.not_ready)
+        self.systemd = SystemdNotifier(env)
+        self.reloader = Reloader(self, loader or (lambda: load_config(config_path)[0]))
+        self._retired_notifiers: list[Notifier] = []
+        self.admin = admin_service(self)
+        self.queue: QueueService | None = None
         self._refused_logged = 0.0
 
     def stop(self) -> None:
@@ -82,97 +101,165 @@ class Daemon:
         quiet = QuietResourceErrors(loop)
         quiet.install()
         log.debug("open files limit: %d", raise_fd_limit())
+        # The single-instance lock before anything else: a second daemon must not bind, open
+        # vaults or refresh tokens (a rotated refresh token used twice is lost).
         try:
-            await self._run(loop)
+            await asyncio.to_thread(check_state_dir, self.settings.state_dir)
+            try:
+                self.control.lock()
+            except AlreadyRunning as exc:
+                raise StartupError(f"{exc}; stop it first, or give this one its own state_dir",
+                                   EXIT_CONFLICT) from None
+            except ControlError as exc:
+                raise StartupError(str(exc), EXIT_CONFIG) from None
+            # The queue is recovered (interrupted receptions swept, deliveries in flight back
+            # in the queue) before any client can connect.
+            queue = await self._start_queue()
+            self.smtp.queue = queue
+            try:
+                await self._run(queue)
+            finally:
+                if queue is not None:
+                    await queue.aclose()
         finally:
+            await self.control.aclose()
+            await self.metrics_server.aclose()
+            self.systemd.close()
             quiet.uninstall()
 
-    async def _run(self, loop: asyncio.AbstractEventLoop) -> None:
-        from ..sessions.imap import imap_session
-        from ..sessions.pop3 import pop3_session
-
-        listeners: dict[str, tuple[str, Session]] = {
-            "imap": (self.settings.imap.listen, imap_session),
-            "pop3": (self.settings.pop3.listen, pop3_session),
-        }
-        # The single-instance lock (with the status socket) before binding anything: a second
-        # daemon on this state directory stops here, not after "listening" on other ports.
-        await asyncio.to_thread(check_state_dir, self.settings.state_dir)
+    async def _run(self, queue: QueueService | None) -> None:
+        settings = self.settings
         try:
-            await self.control.start()
-        except AlreadyRunning as exc:
-            raise StartupError(f"{exc}; stop it first, or give this one its own state_dir",
-                               EXIT_CONFLICT) from None
-        except ControlError as exc:
-            raise StartupError(str(exc), EXIT_CONFIG) from None
-        # The queue is recovered (interrupted receptions swept, deliveries in flight back in
-        # the queue) before any client can connect.
-        try:
-            queue = await self._start_queue()
-        except BaseException:
-            await self.control.aclose()
-            raise
-        try:
-            await self._serve(listeners, queue)
-        finally:
-            if queue is not None:
-                await queue.aclose()
-        # Let a token request already on the wire finish, so a rotated token is not lost.
-        await self.gate.tokens.aclose()
-        await self.notifier.aclose()
-
-    async def _serve(self, listeners: dict[str, tuple[str, Session]],
-                     queue: QueueService | None) -> None:
-        from ..smtp import SmtpService
-
-        loop = asyncio.get_running_loop()
-        smtp = SmtpService(self.gate, self.settings, queue, self.limits["smtp"])
-        self.smtp = smtp
-        try:
-            for proto, (listen, session) in listeners.items():
-                host, port = parse_hostport(listen)
-                try:
-                    self.servers[proto] = await loop.create_server(
-                        self._factory(proto, session), host, port, backlog=LISTEN_BACKLOG,
-                        reuse_address=True)
-                except OSError as exc:
-                    raise bind_error(proto, host, port, exc) from None
-            # aiosmtpd brings its own protocol class: its connections are drained by the service.
-            host, port = parse_hostport(self.settings.smtp.listen)
-            try:
-                self.servers["smtp"] = await smtp.start(host, port, backlog=LISTEN_BACKLOG)
-            except OSError as exc:
-                raise bind_error("smtp", host, port, exc) from None
+            listen = {proto: getattr(settings, proto).listen for proto in ("imap", "pop3", "smtp")}
+            self.servers.update(await self.bind_listeners(listen, settings, startup=True))
+            if settings.metrics.listen:
+                await self.metrics_server.start(settings.metrics.listen)
         except BaseException:
             for server in self.servers.values():
                 server.close()
-            await self.control.aclose()
             raise
+        await self.control.start()
         self._banner()
         async with asyncio.TaskGroup() as tg:
-            await asyncio.to_thread(self._open_vaults)
-            admin = None
-            if self.admin is not None:
-                await self.admin.start()
-                admin = tg.create_task(self.admin.serve(), name="admin-page")
+            await asyncio.to_thread(self.open_vaults, settings.accounts)
             self._report_accounts()
             background = [tg.create_task(self.gate.tokens.run(), name="token-refresher"),
-                          tg.create_task(smtp.pool.run(), name="smtp-pool")]
+                          tg.create_task(self.reloader.run(), name="reloader"),
+                          tg.create_task(self.systemd.run(self.status_line), name="systemd")]
+            if self.admin is not None:
+                await self.admin.start()
+                background.append(tg.create_task(self.admin.serve(), name="admin-page"))
+            # Stopped after the sessions: a message being received may still get its 250.
+            senders = [tg.create_task(self.smtp.pool.run(), name="smtp-pool")]
             if queue is not None:
-                background.append(tg.create_task(queue.run(), name="queue"))
+                senders.append(tg.create_task(queue.run(), name="queue"))
             self.ready.set()
+            self.systemd.ready(self.status_line())
             await self._stop.wait()
+            stopping = time.monotonic()
+            self.systemd.stopping()
             log.info("shutting down")
             for server in self.servers.values():
                 server.close()
-            background[0].cancel()
-            if admin is not None:
-                admin.cancel()
-            # Sessions first: a message being received into the queue may still get its 250.
-            await asyncio.gather(self._drain(), smtp.drain(SHUTDOWN_GRACE),
-                                 self.control.aclose())
-            for task in background[1:]:
+            for task in background:
                 task.cancel()
+            grace = self.settings.shutdown_grace
+            await asyncio.gather(self._drain(grace), self.smtp.drain(grace))
+            for task in senders:
+                task.cancel()
+        # Let a token request already on the wire finish, so a rotated token is not lost.
+        await self.gate.tokens.finish_requests(STOP_BUDGET - (time.monotonic() - stopping))
+        await self.gate.tokens.aclose()
+        for notifier in [*self._retired_notifiers, self.notifier]:
+            await notifier.aclose()
+
+    async def bind_listeners(self, listen: Mapping[str, str], settings: Settings, *,
+                             startup: bool = False) -> dict[str, asyncio.Server]:
+        """Listening servers for ``{proto: "host:port"}``; all or none (OSError, or at
+        ``startup`` a StartupError naming the listener and what to do)."""
+        from ..sessions.imap import imap_session
+        from ..sessions.pop3 import pop3_session
+
+        sessions: dict[str, Session] = {"imap": imap_session, "pop3": pop3_session}
+        loop = asyncio.get_running_loop()
+        opened: dict[str, asyncio.Server] = {}
+        proto, host, port = "", "", 0
+        try:
+            for proto, where in listen.items():
+                host, port = parse_hostport(where)
+                if proto == "smtp":
+                    # aiosmtpd brings its own protocol class; the service drains its sessions.
+                    opened[proto] = await self.smtp.start(host, port, backlog=LISTEN_BACKLOG)
+                else:
+                    opened[proto] = await loop.create_server(
+                        self._factory(proto, sessions[proto]), host, port,
+                        backlog=LISTEN_BACKLOG, reuse_address=True)
+        except OSError as exc:
+            for server in opened.values():
+                server.close()
+            if startup:
+                raise bind_error(proto, host, port, exc) from None
+            raise
+        return opened
+
+    def apply_settings(self, settings: Settings, opened: Mapping[str, asyncio.Server]) -> None:
+        """A reload's commit: new sessions get ``settings``; moved listeners are swapped
+        (sessions accepted by the old one go on)."""
+        self.settings = self.gate.settings = self.smtp.settings = settings
+        for proto, server in opened.items():
+            old = self.servers.get(proto)
+            self.servers[proto] = server
+            if old is not None:
+                old.close()
+            log.info("%s listening on %s:%d", proto, *self.address(proto))
+        logging.getLogger("mailproxy").setLevel(settings.log_level.upper())
+
+    async def restart_metrics(self, listen: str) -> None:
+        """Serve the metrics on ``listen`` ("" turns them off); OSError leaves them as were."""
+        fresh = MetricsServer(self.metrics, self.not_ready)
+        if listen:
+            await fresh.start(listen)
+        old, self.metrics_server = self.metrics_server, fresh
+        await old.aclose()
+
+    async def replace_notifier(self, settings: Settings) -> None:
+        # The old one may still be running a command for an event: closed at shutdown.
+        self._retired_notifiers.append(self.notifier)
+        self.notifier = _notifier(settings)
+
+    def not_ready(self) -> str | None:
+        """Why the daemon is not ready (for /readyz), or None. Local checks only."""
+        if not self.ready.is_set():
+            return "starting"
+        if self._stop.is_set():
+            return "stopping"
+        down = [proto for proto, server in self.servers.items() if not server.is_serving()]
+        if down:
+            return "listener not serving: " + ", ".join(down)
+        if not os.access(self.settings.state_dir, os.W_OK):
+            return f"state directory {self.settings.state_dir} is not writable"
+        return None
+
+    def needing_attention(self) -> list[str]:
+        """Accounts whose grant a person must renew, as last known (no disk access)."""
+        source = self.gate.tokens.source
+        out = []
+        for account in self.settings.accounts:
+            try:
+                if source.last_state(account.key).needs_authorization:
+                    out.append(account.address)
+            except KeyError:
+                continue
+        return out
+
+    def status_line(self) -> str:
+        sessions = sum(self._open.values()) + len(self.smtp.fronts)
+        attention = self.needing_attention()
+        count = len(self.settings.accounts)
+        accounts = (f"{len(attention)} need attention: " + ", ".join(attention) if attention
+                    else "all authorized")
+        return (f"{sessions} session{'' if sessions == 1 else 's'}; "
+                f"{count} account{'' if count == 1 else 's'}, {accounts}")
 
     def _uses_queue(self) -> bool:
         settings = self.settings
@@ -228,6 +315,8 @@ class Daemon:
             {"event": name, "at": event.at, "results": results})
 
     async def _control(self, command: str) -> dict[str, Any]:
+        if command == "reload":
+            return await self.reloader.ask()
         if command == LINK_COMMAND:
             if self.admin is None:
                 return {"error": "the admin page is off ([admin] listen is empty)"}
@@ -255,12 +344,12 @@ class Daemon:
         return {"pid": os.getpid(), "version": __version__, "started": self.started,
                 "accounts": accounts}
 
-    def _open_vaults(self) -> None:
-        """Migrate the earlier plain store and, with a master key, open every vault now."""
+    def open_vaults(self, accounts: Sequence[Account]) -> None:
+        """Migrate the earlier plain store and, with a master key, open these vaults now."""
         vault = self.gate.vault
         if vault.sweep_temporary():
             log.info("removed temporary files left by an interrupted write")
-        for account in self.settings.accounts:
+        for account in accounts:
             try:
                 vault.migrate(account.key)
                 if vault.has_master_key and vault.exists(account.key):
@@ -339,6 +428,7 @@ class Daemon:
         logs.begin_session(proto, conn.transport.get_extra_info("peername"))
         started = time.monotonic()
         session_log.debug("session started")
+        self._open[proto] += 1
         try:
             await session(self.gate, self.settings, conn)
         except asyncio.CancelledError:
@@ -349,9 +439,12 @@ class Daemon:
             conn.abort()
         finally:
             limits.release(host)
+            self._open[proto] -= 1
             counts = conn.counts or logs.tcp_counts(conn.transport)
             conn.close()
             logs.log_session_end(session_log, started, counts)
+            # The kernel's counters, read as the connection went (its end is the edge).
+            conn.closed.add_done_callback(functools.partial(self._ended, proto, conn))
 
     def _log_refused(self, proto: str, host: str) -> None:
         now = time.monotonic()
@@ -359,14 +452,23 @@ class Daemon:
             self._refused_logged = now
             log.warning("%s: connection from %s refused: too many connections", proto, host)
 
-    async def _drain(self) -> None:
-        """Give open sessions a moment to finish, then cut them off."""
+    def _ended(self, proto: str, conn: Conn, _: object) -> None:
+        if conn.counts is not None:
+            self.metrics.session_ended(proto, *conn.counts)
+
+    async def _drain(self, grace: float) -> None:
+        """Give open sessions ``grace`` seconds to finish, then cut them off."""
         if not self._sessions:
             return
-        _, pending = await asyncio.wait(set(self._sessions), timeout=SHUTDOWN_GRACE)
+        _, pending = await asyncio.wait(set(self._sessions), timeout=grace)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _notifier(settings: Settings) -> Notifier:
+    master = settings.vault.master_key or ""
+    return Notifier(settings.notify, drop_env=[master[4:]] if master.startswith("env:") else [])
 
 
 def make_gate(settings: Settings) -> Gate:
@@ -384,4 +486,5 @@ async def serve(settings: Settings, config_path: Path | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reloader.request)
     await daemon.run()

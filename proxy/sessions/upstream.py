@@ -60,6 +60,10 @@ class UpstreamSession:
         self.conn: Conn | None = None
         self.logged_in: LoggedIn | None = None
 
+    @property
+    def mechanism(self) -> str:
+        return self.core.mechanism
+
     async def connect(self) -> None:
         try:
             self.conn = await open_connection(

@@ -51,7 +51,9 @@ class SmtpService:
         except Refusal as refusal:
             log.warning("smtp login for %s from %s refused: %s", account.address, peer,
                         refusal.text)
+            self.gate.observer.login("smtp", refusal.kind, time.monotonic() - started)
             raise
+        self.gate.observer.login("smtp", "ok", time.monotonic() - started)
         log.info("smtp login for %s from %s (%s) in %.1f ms", account.address, peer,
                  self.settings.smtp.delivery, (time.monotonic() - started) * 1000)
         return opened

@@ -316,7 +316,10 @@ class Relay:
         try:
             response = await self.upstream.finish_data()
         except UpstreamGone as exc:
+            self.gate.observer.smtp_message("failed")
             return self._lost(str(exc), after_end=True)
+        self.gate.observer.smtp_message("accepted" if response.code < 300 else
+                                        "failed" if response.code < 500 else "rejected")
         # Logged once the reply is on its way (call_soon runs after this task's step, which
         # writes the reply): ~50 us a message off the time the client waits.
         asyncio.get_running_loop().call_soon(

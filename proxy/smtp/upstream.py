@@ -52,6 +52,8 @@ def one_line(response: SMTPResponse) -> str:
 class SmtpUpstreamSession:
     """The upstream side of one client session."""
 
+    proto = "smtp"
+
     def __init__(self, account: Account, timeout: float = UPSTREAM_TIMEOUT) -> None:
         server = account.server("smtp")
         if server is None:

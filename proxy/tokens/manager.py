@@ -51,6 +51,19 @@ class TokenManager:
                                    deadline_lead=deadline_lead)
         self.source.notify = self.refresher.queue_event
 
+    async def reconfigure(self, accounts: Sequence[Account], settings: TokenSettings, *,
+                          failure_threshold: int, deadline_lead: float) -> None:
+        """A reload: accounts added, removed or changed; unchanged ones keep their state,
+        their open vault and their refresh schedule."""
+        await self.source.reconfigure(accounts, settings)
+        self.refresher.reconfigure(accounts, settings, failure_threshold=failure_threshold,
+                                   deadline_lead=deadline_lead)
+
+    async def finish_requests(self, timeout: float) -> None:
+        """Give token requests on the wire up to ``timeout`` seconds (a rotated refresh token
+        must reach the disk), then cancel them."""
+        await self.source.finish_requests(timeout)
+
     def set_event_sink(self, events: EventSink) -> None:
         self.refresher.set_event_sink(events)
 

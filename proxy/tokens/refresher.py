@@ -88,6 +88,20 @@ class Refresher:
     def set_event_sink(self, events: EventSink) -> None:
         self._events = events
 
+    def reconfigure(self, accounts: Sequence[Account], settings: TokenSettings, *,
+                    failure_threshold: int, deadline_lead: float) -> None:
+        """A reload: schedules of unchanged accounts (back-off, jitter, pending events) stay."""
+        schedules = {}
+        for account in accounts:
+            sched = self._schedules.get(account.key) or _Schedule(account)
+            sched.account = account
+            schedules[account.key] = sched
+        self._schedules = schedules
+        self._settings = settings
+        self._failure_threshold = failure_threshold
+        self._deadline_lead = deadline_lead
+        self.wake()
+
     def wake(self) -> None:
         """Re-plan the background refresh now (an account was just unlocked)."""
         if self._wake is not None:
@@ -105,7 +119,10 @@ class Refresher:
         """Deliver a notification from the run loop (dropped when there is no sink)."""
         if self._events is None:
             return
-        self._schedules[account_key].events.append((event, reason, deadline))
+        sched = self._schedules.get(account_key)
+        if sched is None:
+            return  # removed by a reload while its request was in flight
+        sched.events.append((event, reason, deadline))
         self.wake()
 
     # -- what the status shows ------------------------------------------------------------------

@@ -28,6 +28,8 @@ LOCKED_REASON = ("the token vault is locked: it opens at the first client login 
 
 # (account key, event, reason): a notification for the refresher's queue.
 Notify = Callable[[str, str, str], None]
+# (account address, grant, result: ok, transient or permanent): a token request's outcome.
+Outcome = Callable[[str, str, str], None]
 
 
 @dataclass(frozen=True)
@@ -76,18 +78,24 @@ class TokenSource:
         rng: random.Random,
     ) -> None:
         now = clock()
+
+        def endpoint(account: Account, settings: TokenSettings) -> TokenEndpoint:
+            return TokenEndpoint(account, settings, clock=clock, sleep=sleep, rng=rng,
+                                 transport=transport)
+
+        self._endpoint = endpoint
         self._entries = {
-            account.key: _Entry(account, TokenEndpoint(account, settings, clock=clock,
-                                                       sleep=sleep, rng=rng,
-                                                       transport=transport),
-                                last_used=now)
+            account.key: _Entry(account, endpoint(account, settings), last_used=now)
             for account in accounts
         }
+        # Endpoints of changed or removed accounts whose request was in flight at a reload.
+        self._retired: list[tuple[asyncio.Task[AccessToken] | None, TokenEndpoint]] = []
         self._store = store
         self._settings = settings
         self._clock = clock
         # Told when a refusal marks an account as needing a new sign-in.
         self.notify: Notify | None = None
+        self.outcome: Outcome | None = None
 
     async def get_token(
         self, account_key: str, *, force_refresh: bool = False, rejected: str | None = None,
@@ -154,6 +162,34 @@ class TokenSource:
     def refreshing(self, account_key: str) -> bool:
         return self._entry(account_key).task is not None
 
+    async def reconfigure(self, accounts: Sequence[Account], settings: TokenSettings) -> None:
+        """A reload: add and drop accounts, give changed ones a new endpoint. Unchanged ones
+        (and the state of changed ones) are not touched; a request in flight finishes on the
+        endpoint it started with."""
+        wanted = {account.key: account for account in accounts}
+        retire: list[_Entry] = []
+        for key in list(self._entries):
+            if key not in wanted:
+                retire.append(self._entries.pop(key))
+        for key, account in wanted.items():
+            entry = self._entries.get(key)
+            if entry is None:
+                self._entries[key] = _Entry(account, self._endpoint(account, settings),
+                                            last_used=self._clock())
+            elif entry.account != account or settings != self._settings:
+                self._retired.append((entry.task, entry.endpoint))
+                entry.account = account
+                entry.endpoint = self._endpoint(account, settings)
+        self._retired += [(entry.task, entry.endpoint) for entry in retire]
+        self._settings = settings
+        keep: list[tuple[asyncio.Task[AccessToken] | None, TokenEndpoint]] = []
+        for task, endpoint in self._retired:
+            if task is None or task.done():
+                await endpoint.aclose()
+            else:
+                keep.append((task, endpoint))
+        self._retired = keep
+
     def reload(self, account_key: str) -> None:
         """Re-read the account's state at the next use, and count it as in use now."""
         entry = self._entry(account_key)
@@ -161,15 +197,23 @@ class TokenSource:
         entry.last_used = self._clock()
 
     async def aclose(self) -> None:
+        await self.finish_requests(self._settings.request_timeout)
+        for entry in self._entries.values():
+            await entry.endpoint.aclose()
+        for _, endpoint in self._retired:
+            await endpoint.aclose()
+
+    async def finish_requests(self, timeout: float) -> None:
+        """Let token requests on the wire finish for up to ``timeout`` seconds, then cancel."""
         tasks = [entry.task for entry in self._entries.values() if entry.task is not None]
+        tasks += [task for task, _ in self._retired if task is not None and not task.done()]
         if tasks:
             # A request already sent may be answered with a rotated refresh token that has to
             # reach the disk: give it its time before cancelling.
-            await asyncio.wait(tasks, timeout=self._settings.request_timeout)
+            await asyncio.wait(tasks, timeout=max(timeout, 0.001))
             for task in tasks:
                 task.cancel()
-        for entry in self._entries.values():
-            await entry.endpoint.aclose()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -242,6 +286,7 @@ class TokenSource:
             mark = used is not None and exc.code in MARKING_ERRORS
             await self._note_failure(entry, base, reason, mark=mark)
             entry.last_result = f"refused: {reason}"
+            self._report(account, grant, "permanent")
             if mark and self.notify is not None:
                 self.notify(key, "authorization_required", reason)
             raise AuthorizationRequired(key, reason) from None
@@ -249,6 +294,7 @@ class TokenSource:
             log.warning("%s: %s grant failed: %s", key, grant, exc.reason)
             await self._note_failure(entry, base, exc.reason, mark=False)
             entry.last_result = f"failed: {exc.reason}"
+            self._report(account, grant, "transient")
             raise
 
         now = self._clock()
@@ -277,10 +323,12 @@ class TokenSource:
             if rotated:
                 entry.state = replace(entry.state, refresh_token=new_refresh, access_token=None)
             log.error("%s: could not save token state: %s", key, exc)
+            self._report(account, grant, "transient")
             raise TokenUnavailable(key, f"could not save token state: {exc}") from None
         log.info("%s: %s grant ok, access token valid until %s%s", key, grant, when(expires_at),
                  ", refresh token rotated" if rotated else "")
         entry.last_result = "ok" + (", refresh token rotated" if rotated else "")
+        self._report(account, grant, "ok")
         return AccessToken(access, expires_at, fresh=True)
 
     async def _note_failure(self, entry: _Entry, base: str | None, reason: str, *,
@@ -297,6 +345,10 @@ class TokenSource:
                       entry.account.key, exc)
             if mark:  # still stop asking the provider until the store changes
                 entry.state = replace(entry.state, needs_authorization=reason)
+
+    def _report(self, account: Account, grant: str, result: str) -> None:
+        if self.outcome is not None:
+            self.outcome(account.address, grant, result)
 
     def _scrub(self, entry: _Entry, text: str) -> str:
         # Belt and braces: an error text echoing a secret must not reach a log or a client.

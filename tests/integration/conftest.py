@@ -1,6 +1,7 @@
 """Fixtures for integration tests against real servers.
 
-Session-scoped: ``test_ca`` (TestCA), ``token_server`` (TokenServer), ``dovecot`` (Dovecot).
+Session-scoped: ``test_ca`` (TestCA), ``token_server`` (TokenServer), ``dovecot`` (Dovecot),
+``postfix`` (Postfix, shared by the SMTP and the service tests).
 Function-scoped: ``mail_user`` (a fresh ``u<hex>@example.test`` address) and the autouse
 ``_reset_harness``, which puts token-server settings back to defaults, clears its request
 log, restarts the token/introspection listeners and Dovecot if an earlier test left them down.
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dovecot import Dovecot, dovecot_available
+from tests.support.postfix import Postfix, postfix_available
 from tests.support.tlsca import TestCA, make_test_ca
 from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
 
@@ -71,6 +73,24 @@ def dovecot(test_ca: TestCA, token_server: TokenServer) -> Iterator[Dovecot]:
         server.stop()
         if os.environ.get("MAILPROXY_KEEP_DOVECOT"):
             print(f"Dovecot directory kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postfix(dovecot: Dovecot) -> Iterator[Postfix]:
+    _require(*postfix_available())
+    # Not under pytest's 0700 tmp dir: Postfix's unprivileged processes must get in.
+    root = Path(tempfile.mkdtemp(prefix="mailproxy-postfix-"))
+    root.chmod(0o755)
+    server = Postfix(root, dovecot)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        if os.environ.get("MAILPROXY_KEEP_POSTFIX"):
+            print(f"Postfix directory kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -1,5 +1,6 @@
 """The container image, built from the Dockerfile and run for real with podman: non-root,
-read-only root file system, state in a volume, a legacy IMAP client logging in through it.
+read-only root file system, state in a volume, a legacy IMAP client logging in through it, and
+its HEALTHCHECK (``mailproxy health``) passing.
 
 The image comes from ``.ci/build-image`` (mmdebstrap base + podman build); ``.ci/run`` builds it
 once and passes its tag in ``CONTAINER_TEST_IMAGE``. Without podman the test is skipped locally
@@ -132,6 +133,13 @@ ca_file = "{dovecot.ca_file}"
         with imap:
             assert imap.login(mail_user, "local pw")[0] == "OK"
             assert imap.select("INBOX")[0] == "OK"
+        # The image's HEALTHCHECK (`mailproxy health`: the status socket, metrics being off).
+        health = subprocess.run([*PODMAN, "healthcheck", "run", name], capture_output=True,
+                                text=True, timeout=60)
+        assert health.returncode == 0, health.stdout + health.stderr
+        health = subprocess.run([*PODMAN, "exec", name, "mailproxy", "health"],
+                                capture_output=True, text=True, timeout=60)
+        assert health.returncode == 0 and health.stdout == "ok\n", health.stderr
         user = subprocess.run([*PODMAN, "exec", name, "id", "-u"], capture_output=True,
                               text=True, timeout=30)
         assert user.stdout.strip() == str(CONTAINER_UID)

@@ -7,12 +7,9 @@ import asyncio
 import base64
 import itertools
 import logging
-import os
-import shutil
 import smtplib
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +17,6 @@ import aiosmtplib
 import pytest
 
 from proxy.config import Account, Settings
-from tests.integration.conftest import _require
 from tests.support.cutter import Cutter
 from tests.support.dovecot import Dovecot
 from tests.support.postfix import (
@@ -28,28 +24,9 @@ from tests.support.postfix import (
     MESSAGE_SIZE_LIMIT,
     REFUSE_DATA_SENDER,
     Postfix,
-    postfix_available,
 )
 from tests.support.proxyrun import LOCAL_PASSWORD, ProxyHarness
 from tests.support.tokenserver import TokenServer
-
-
-@pytest.fixture(scope="session")
-def postfix(dovecot: Dovecot) -> Iterator[Postfix]:
-    _require(*postfix_available())
-    # Not under pytest's 0700 tmp dir: Postfix's unprivileged processes must get in.
-    root = Path(tempfile.mkdtemp(prefix="mailproxy-postfix-"))
-    root.chmod(0o755)
-    server = Postfix(root, dovecot)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        if os.environ.get("MAILPROXY_KEEP_POSTFIX"):
-            print(f"Postfix directory kept: {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 class SmtpHarness(ProxyHarness):
