@@ -1,5 +1,9 @@
 """The daemon: listeners, the background token refresher, sessions, reload, and a clean
-shutdown (with systemd notifications and metrics when configured)."""
+shutdown (with systemd notifications and metrics when configured).
+
+long: the Daemon object is what reload, the control socket, the admin page and the metrics
+all hold; its status report and start-up banner (~90 lines) are the next to move out.
+"""
 
 from __future__ import annotations
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, cast
 
 from proxy.config import Account, Settings
 from proxy.login import Gate
+from proxy.observe import Observer
 from proxy.smtp.transaction import Relay
 from proxy.smtp.upstream import SmtpUpstreamSession, UpstreamGone
 
@@ -28,8 +30,8 @@ class _Upstream:
 async def test_lost_after_the_end_of_data_says_the_message_may_have_been_sent() -> None:
     # It said "nothing was sent": the upstream had the whole message and may have delivered
     # it, so a client retrying without a word sends it twice.
-    relay = Relay(ACCOUNT, cast(SmtpUpstreamSession, _Upstream()), cast(Gate, None),
-                  Settings())
+    gate = cast(Gate, SimpleNamespace(observer=Observer()))
+    relay = Relay(ACCOUNT, cast(SmtpUpstreamSession, _Upstream()), gate, Settings())
     reply = await relay.finish(100)
     assert reply.startswith("451 4.4.2 ") and "may have been sent" in reply, reply
     assert "nothing was sent" not in reply
