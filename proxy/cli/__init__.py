@@ -1,5 +1,6 @@
 """Command line: ``mailproxy run``, ``authorize``, ``password set|add|remove|list``,
-``token import`` and ``status``; one module per command group, the arguments in ``parser``."""
+``token import``, ``status`` and ``tls export-ca|info``; one module per command group, the
+arguments in ``parser``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .status import status
 
             return status(settings, as_json=args.json)
+        if args.command == "tls":
+            from .tls import tls
+
+            return tls(settings, args.action)
         account = find_account(settings, args.account)
         if args.command == "authorize":
             from .authorize import authorize
