@@ -163,7 +163,8 @@ def launch_proxy(tmp: Path, protocol: str, port: int, user: str, password: str,
 
     lines = [f'state_dir = "{tmp / "state"}"', 'log_level = "info"']
     for name in ("imap", "pop3", "smtp"):
-        lines += [f"[{name}]", f'listen = "127.0.0.1:{port if name == protocol else free_port()}"']
+        lines += [f"[{name}]", f'listen = "127.0.0.1:{port if name == protocol else free_port()}"',
+                  f'tls_listen = "127.0.0.1:{free_port()}"']
         if name == protocol:
             lines += [f"{key} = {value}" for key, value in (options or {}).items()]
     lines += ["[[accounts]]", f'address = "{user}"', 'provider = "custom"',

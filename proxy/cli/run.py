@@ -8,6 +8,7 @@ import logging
 from ..config import Settings
 from ..daemon.control import ControlError
 from ..daemon.server import serve
+from ..tls.contexts import TlsSetupError
 from ..tokens.keys import MasterKeyError
 from .common import EXIT_OK, CliError
 
@@ -22,7 +23,7 @@ def run(settings: Settings, defaults: bool) -> int:
         log.warning("no accounts configured: every login will be refused")
     try:
         asyncio.run(serve(settings))
-    except (MasterKeyError, ControlError) as exc:
+    except (MasterKeyError, ControlError, TlsSetupError) as exc:
         raise CliError(f"cannot start: {exc}") from None
     except OSError as exc:
         raise CliError(f"cannot start: {exc}") from None

@@ -14,6 +14,9 @@ from .. import __version__
 from ..config import Account, Settings, parse_hostport
 from ..login import Gate, authorize_hint
 from ..net import Conn
+from ..tls.contexts import ServerTls, startup_warnings
+from ..tls.listener import ClientTls
+from ..tls.memory import raise_open_file_limit, release_free_memory, share_tls_read_buffer
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
@@ -24,8 +27,10 @@ log = logging.getLogger("mailproxy")
 
 LISTEN_BACKLOG = 4096
 SHUTDOWN_GRACE = 5.0
+# How often freed memory is handed back to the system, when sessions ended since.
+MEMORY_RELEASE_INTERVAL = 60.0
 
-Session = Callable[[Gate, Settings, Conn], Awaitable[None]]
+Session = Callable[[Gate, Settings, Conn, ClientTls], Awaitable[None]]
 
 
 class Daemon:
@@ -46,6 +51,8 @@ class Daemon:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._sessions: set[asyncio.Task[None]] = set()
+        self._ended = 0  # sessions ended since memory was last released
+        self.tls = ServerTls(settings)
 
     def stop(self) -> None:
         self._stop.set()
@@ -61,32 +68,53 @@ class Daemon:
         from ..smtp import SmtpService
 
         loop = asyncio.get_running_loop()
-        listeners: dict[str, tuple[str, Session]] = {
-            "imap": (self.settings.imap.listen, imap_session),
-            "pop3": (self.settings.pop3.listen, pop3_session),
-        }
+        before, after = raise_open_file_limit()
+        if after != before:
+            log.info("open file limit raised from %d to %d", before, after)
+        share_tls_read_buffer()
+        for warning in startup_warnings(self.settings):
+            log.warning("%s", warning)
+        await self.tls.start()
+        sessions: dict[str, Session] = {"imap": imap_session, "pop3": pop3_session}
         async with asyncio.TaskGroup() as tg:
-            for proto, (listen, session) in listeners.items():
-                host, port = parse_hostport(listen)
-                self.servers[proto] = await loop.create_server(
-                    self._factory(proto, session), host, port, backlog=LISTEN_BACKLOG,
-                    reuse_address=True)
-                log.info("%s listening on %s:%d", proto, *self.address(proto))
+            for proto, session in sessions.items():
+                listener = getattr(self.settings, proto)
+                version = listener.tls_min_version
+                addresses = [(proto, listener.listen, ClientTls(
+                    self.tls, version, implicit=False, required=listener.plain_requires_tls))]
+                if listener.tls_listen:
+                    addresses.append((proto + "s", listener.tls_listen, ClientTls(
+                        self.tls, version, implicit=True, required=True)))
+                for name, listen, tls in addresses:
+                    host, port = parse_hostport(listen)
+                    self.servers[name] = await loop.create_server(
+                        self._factory(proto, session, tls), host, port,
+                        backlog=LISTEN_BACKLOG, reuse_address=True)
+                    log.info("%s listening on %s:%d%s", proto, *self.address(name),
+                             " (TLS)" if tls.implicit else "")
             # aiosmtpd brings its own protocol class: its connections are drained by the service.
-            smtp = SmtpService(self.gate, self.settings)
+            smtp = SmtpService(self.gate, self.settings, self.tls)
             self.servers["smtp"] = await smtp.start(
                 *parse_hostport(self.settings.smtp.listen), backlog=LISTEN_BACKLOG)
             log.info("smtp listening on %s:%d", *self.address("smtp"))
+            if self.settings.smtp.tls_listen:
+                self.servers["smtps"] = await smtp.start_implicit(
+                    *parse_hostport(self.settings.smtp.tls_listen), backlog=LISTEN_BACKLOG)
+                log.info("smtp listening on %s:%d (TLS)", *self.address("smtps"))
             await asyncio.to_thread(self._open_vaults)
             await self.control.start()
             self._report_accounts()
             refresher = tg.create_task(self.gate.tokens.run(), name="token-refresher")
+            housekeeping = [tg.create_task(self.tls.run(), name="tls-reload"),
+                            tg.create_task(self._release_memory(), name="memory-release")]
             self.ready.set()
             await self._stop.wait()
             log.info("shutting down")
             for server in self.servers.values():
                 server.close()
             refresher.cancel()
+            for task in housekeeping:
+                task.cancel()
             await asyncio.gather(self._drain(), smtp.drain(SHUTDOWN_GRACE),
                                  self.control.aclose())
         # Let a token request already on the wire finish, so a rotated token is not lost.
@@ -163,21 +191,35 @@ class Daemon:
                 log.warning("account %s is not authorized (%s): %s", account.address,
                             status["needs_authorization"], authorize_hint(account))
 
-    def _factory(self, proto: str, session: Session) -> Callable[[], Conn]:
+    def _factory(self, proto: str, session: Session, tls: ClientTls) -> Callable[[], Conn]:
         def make() -> Conn:
-            conn = Conn()
-            task = asyncio.get_running_loop().create_task(self._guard(proto, session, conn))
+            conn = Conn(tls_first=tls.implicit)
+            task = asyncio.get_running_loop().create_task(
+                self._guard(proto, session, conn, tls))
             self._sessions.add(task)
-            task.add_done_callback(self._sessions.discard)
+            task.add_done_callback(self._session_done)
             return conn
 
         return make
 
-    async def _guard(self, proto: str, session: Session, conn: Conn) -> None:
+    def _session_done(self, task: asyncio.Task[None]) -> None:
+        self._sessions.discard(task)
+        self._ended += 1
+
+    async def _release_memory(self) -> None:
+        """Hand memory freed by ended sessions back to the system now and then, so RSS goes
+        back down after a crowd of clients leaves."""
+        while True:
+            await asyncio.sleep(MEMORY_RELEASE_INTERVAL)
+            if self._ended:
+                self._ended = 0
+                await asyncio.to_thread(release_free_memory)
+
+    async def _guard(self, proto: str, session: Session, conn: Conn, tls: ClientTls) -> None:
         # The protocol factory runs before the transport is attached.
         await conn.connected
         try:
-            await session(self.gate, self.settings, conn)
+            await session(self.gate, self.settings, conn, tls)
         except asyncio.CancelledError:
             conn.abort()
             raise

@@ -9,9 +9,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..config import Account
-from ..core.events import Close, Event, LoginRequest, Send
+from ..core.events import AcceptTls, Close, Event, LoginRequest, Send
 from ..login import Gate, Refusal
 from ..net import Conn, splice
+from ..tls.listener import ClientTls
 from .upstream import UpstreamSession
 
 
@@ -28,11 +29,15 @@ class LocalCore(Protocol):
 
     def login_accepted(self, capabilities: str | None) -> tuple[bytes, bytes]: ...
 
+    def tls_established(self) -> list[Event]: ...
+
 
 async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
                        login_timeout: float,
                        make_upstream: Callable[[Account], UpstreamSession],
-                       reply_for: Callable[[Refusal], str]) -> None:
+                       reply_for: Callable[[Refusal], str], tls: ClientTls | None = None) -> None:
+    if tls is not None and tls.implicit and not await tls.handshake(client, proto):
+        return
     client.write(core.greeting())
     while True:
         try:
@@ -52,6 +57,12 @@ async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
             elif isinstance(event, Close):
                 client.close()
                 return
+            elif isinstance(event, AcceptTls):
+                assert tls is not None  # a core offers STARTTLS only when given TLS
+                if not await tls.handshake(client, proto, reply=event.reply,
+                                           dropped=event.dropped):
+                    return
+                queue.extend(core.tls_established())
             elif isinstance(event, LoginRequest):
                 try:
                     _, upstream = await gate.log_in(

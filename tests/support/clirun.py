@@ -35,10 +35,13 @@ state_dir = "{directory / 'state'}"
 {top}
 [imap]
 listen = "127.0.0.1:{free_port()}"
+tls_listen = "127.0.0.1:{free_port()}"
 [pop3]
 listen = "127.0.0.1:{free_port()}"
+tls_listen = "127.0.0.1:{free_port()}"
 [smtp]
 listen = "127.0.0.1:{free_port()}"
+tls_listen = "127.0.0.1:{free_port()}"
 [[accounts]]
 address = "{address}"
 provider = "custom"
