@@ -13,6 +13,7 @@ import base64
 import binascii
 import logging
 import re
+import ssl
 from collections.abc import Callable
 from typing import Any, AnyStr, cast
 
@@ -71,7 +72,8 @@ class SmtpFront(SMTP):
     aiosmtpd leaves no public way for some of this, so this module (and, for pushing bytes
     back into the client stream, ``data.unread``) alone uses its internals: ``_reader`` (the
     client stream, read by DATA), the idle timer (``_reset_timeout``, ``_timeout_cb``,
-    ``_timeout_handle``, ``_timeout_duration``), ``_auth_required``, ``_getaddr``,
+    ``_timeout_handle``, ``_timeout_duration``), ``_auth_required``, ``_auth_require_tls``,
+    ``_tls_protocol`` (whether STARTTLS is done), ``_getaddr``,
     ``_create_session``, ``_handler_coroutine`` and ``Session._login_data``.
     """
 
@@ -80,15 +82,20 @@ class SmtpFront(SMTP):
 
     def __init__(self, settings: Settings, hostname: str, gate: Gate,
                  open_transaction: OpenTransaction, size_hint: SizeHint,
-                 on_lost: Callable[[SmtpFront], None]) -> None:
+                 on_lost: Callable[[SmtpFront], None], *,
+                 tls_context: ssl.SSLContext | None = None, tls_required: bool = False) -> None:
+        """``tls_context``: offer STARTTLS with it; ``tls_required``: no AUTH before it."""
         super().__init__(
             _Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
             data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
             timeout=settings.smtp.idle_timeout, auth_require_tls=False,
+            tls_context=tls_context, require_starttls=False,
             loop=asyncio.get_running_loop())
         # Set after __init__: passing auth_required with auth_require_tls=False makes
-        # aiosmtpd warn on every connection. The listener is meant for loopback.
+        # aiosmtpd warn on every connection. With TLS required, EHLO lists AUTH only after
+        # STARTTLS (aiosmtpd's own rule, by _auth_require_tls); smtp_AUTH answers before that.
         self._auth_required = True
+        self._auth_require_tls = self._tls_required = tls_required
         self.settings = settings
         self.gate = gate
         self.open_transaction = open_transaction
@@ -257,6 +264,9 @@ class SmtpFront(SMTP):
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         assert self.session is not None
+        if self._tls_required and self._tls_protocol is None:
+            await self.push("530 5.7.0 Must issue a STARTTLS command first")
+            return
         if self.session.host_name and not self.session.extended_smtp:
             await self.push("503 5.5.1 Error: send EHLO first (AUTH is an ESMTP extension)")
             return
@@ -338,7 +348,7 @@ class _Hooks:
         if server.transaction is not None:
             await server.transaction.abandon()  # EHLO resets the transaction (RFC 5321 4.1.4)
         keywords = [r[4:] for r in responses[1:]]
-        # STARTTLS stays when aiosmtpd offers it (with a tls_context, none so far).
+        # STARTTLS stays: aiosmtpd lists it only where local TLS is offered and not on yet.
         keep = [k for k in keywords if k.split(" ")[0] not in ("SIZE", "HELP")]
         lines = [responses[0], f"250-SIZE {server.size_to_advertise()}", *keep,
                  "250-ENHANCEDSTATUSCODES"]

@@ -260,3 +260,41 @@ def test_startup_warnings() -> None:
     assert len(found) == 2
     assert "[imap] listen = '0.0.0.0:143'" in found[0] and "require_tls = false" in found[0]
     assert "[smtp] tls_min_version = '1.0'" in found[1]
+
+
+async def test_listener_context_hands_each_handshake_the_current_certificate(
+        tmp_path: Path) -> None:
+    """For listeners that take one context for good (the SMTP implicit-TLS one)."""
+    first, second = make_test_ca(tmp_path / "a"), make_test_ca(tmp_path / "b")
+    bundle = tmp_path / "cas.pem"
+    bundle.write_bytes(first.ca_cert.read_bytes() + second.ca_cert.read_bytes())
+    cert, key = tmp_path / "live.pem", tmp_path / "live.key"
+    replace_atomically(first, cert, key)
+    clock = Clock()
+    tls = ServerTls(settings(tmp_path, cert_file=cert, key_file=key),
+                    monotonic=clock.monotonic)
+    await tls.start()
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(greet, "127.0.0.1", 0,
+                                        ssl=tls.listener_context("1.2"))
+    port = server.sockets[0].getsockname()[1]
+    client = ssl.create_default_context(cafile=str(bundle))
+    try:
+        serial = (await connect(port, client))[1].serial_number
+        assert serial == x509.load_pem_x509_certificate(
+            first.server_cert.read_bytes()).serial_number
+        replace_atomically(second, cert, key)
+        clock.mono += 5
+        assert await tls.refresh()
+        serial = (await connect(port, client))[1].serial_number
+        assert serial == x509.load_pem_x509_certificate(
+            second.server_cert.read_bytes()).serial_number
+    finally:
+        server.close()
+        await server.wait_closed()
