@@ -326,3 +326,28 @@ async def test_tls10_client_refused_by_default_accepted_when_enabled(
     async with harness.run(settings) as daemon:
         assert await blocking(tls10_login, daemon.address("imaps")[1], ca,
                               mail_user) == "TLSv1"
+
+
+# -- a 20 MB message ---------------------------------------------------------------------------
+
+
+def big_message(size: int) -> bytes:
+    head = (b"From: Alice <alice@example.test>\r\nTo: Bob <bob@example.test>\r\n"
+            b"Subject: big\r\nMessage-ID: <big@example.test>\r\n\r\n")
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ.-\r\n"
+    body = (line * (size // len(line) + 1))[:size - len(head) - 2] + b"\r\n"
+    return head + body
+
+
+async def test_20_mb_fetch_and_retr_over_the_tls_listeners(
+        harness: ProxyHarness, mail_user: str, tmp_path: Path) -> None:
+    big = big_message(20 * 1024 * 1024)
+    harness.provision(mail_user, PASSWORD)
+    harness.dovecot.deliver(mail_user, big)
+    settings = harness.settings(harness.account(mail_user))
+    async with harness.run(settings) as daemon:
+        _, context = trust(settings, tmp_path)
+        assert await blocking(imap_ssl_session, daemon.address("imaps")[1], context,
+                              mail_user) == big
+        assert await blocking(pop3_ssl, daemon.address("pop3s")[1], context,
+                              mail_user) == big

@@ -176,3 +176,15 @@ async def test_openssl_and_curl_smtps(harness: SmtpHarness, mail_user: str,
     if shutil.which("curl"):
         stored = await wait_delivered(harness.dovecot, mail_user, 1)
         assert same_message(stored[0], body)
+
+
+async def test_20_mb_message_over_smtps(harness: SmtpHarness, mail_user: str,
+                                        tmp_path: Path) -> None:
+    settings = setup(harness, mail_user)
+    line = (b"0123456789abcdefghijklmnopqrstuvwxyz" * 2)[:76] + b"\r\n"
+    sent = message(mail_user, mail_user, line * (20 * 1024 * 1024 // len(line)), "big")
+    async with harness.run(settings) as daemon:
+        _, context = trust(settings, tmp_path)
+        await asyncio.to_thread(send_ssl, daemon.address("smtps")[1], context, mail_user, sent)
+    (stored,) = await wait_delivered(harness.dovecot, mail_user, 1, timeout=60)
+    assert same_message(stored, sent)
