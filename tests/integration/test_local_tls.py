@@ -351,3 +351,29 @@ async def test_20_mb_fetch_and_retr_over_the_tls_listeners(
                               mail_user) == big
         assert await blocking(pop3_ssl, daemon.address("pop3s")[1], context,
                               mail_user) == big
+
+
+async def test_fetchmail_pop3s_and_stls(harness: ProxyHarness, mail_user: str,
+                                        tmp_path: Path) -> None:
+    _require(shutil.which("fetchmail") is not None, "fetchmail is not installed")
+    settings = setup(harness, mail_user)
+    async with harness.run(settings) as daemon:
+        ca, _ = trust(settings, tmp_path)
+        for name, port, tls in (("pop3s", daemon.address("pop3s")[1], "ssl"),
+                                ("stls", daemon.address("pop3")[1], "sslproto tls1.2+")):
+            out = tmp_path / f"{name}.mbox"
+            rc = tmp_path / f"{name}.fetchmailrc"
+            rc.write_text(
+                f'poll 127.0.0.1 service {port} protocol POP3 auth password\n'
+                f'  user "{mail_user}" password "{PASSWORD}" {tls} sslcertck\n'
+                f'  sslcertfile "{ca}" sslcommonname localhost keep fetchall\n'
+                f'  mda "/bin/sh -c \'cat >> {out}\'"\n')
+            rc.chmod(0o600)
+            code, log = await run_tool(
+                "fetchmail", "-v", "--nodetach", "--nosyslog", "--idfile", str(tmp_path / "ids"),
+                "--pidfile", str(tmp_path / "fetchmail.pid"), "-f", str(rc), timeout=60)
+            assert code == 0, log
+            assert (b"> STLS" in log) == (name == "stls"), log
+            # fetchmail adds its own Received header; the message itself arrives intact.
+            assert out.read_bytes().replace(b"\r\n", b"\n").endswith(
+                MESSAGE.replace(b"\r\n", b"\n")), log
