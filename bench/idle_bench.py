@@ -5,7 +5,8 @@
 
 One run, in a temporary directory it removes afterwards: the test token server, a test CA, a
 private Dovecot whose limits are raised for many sessions (``mail_max_userip_connections``, an
-imap process serving up to 100 clients), and the proxy as its own process through its CLI.
+imap process serving up to 100 clients and living on: ``service_count = 0``), and the proxy as
+its own process through its CLI.
 For each client leg in ``--legs`` (``plain``: the plain listener; ``tls``: the implicit-TLS
 listener, trusting the proxy's CA from ``mailproxy tls export-ca``), the client (asyncio, with
 the shared TLS read buffer itself, so that it stays small) opens ``--sessions`` sessions, each
@@ -54,7 +55,8 @@ class ManyDovecot(Dovecot):
         text = text.replace("mail_max_userip_connections = 1000",
                             "mail_max_userip_connections = 20000")
         return text.replace("service imap {\n  process_limit = 1024\n}",
-                            "service imap {\n  process_limit = 1024\n  client_limit = 100\n}")
+                            "service imap {\n  process_limit = 1024\n  client_limit = 100\n"
+                            "  service_count = 0\n}")
 
 
 def rss_kib(pid: int) -> int:
