@@ -22,9 +22,17 @@ ENV PATH=/opt/mailproxy/bin:$PATH \
     MAILPROXY_CONFIG=/etc/mailproxy/config.toml \
     MAILPROXY_IMAP__LISTEN=0.0.0.0:1143 \
     MAILPROXY_POP3__LISTEN=0.0.0.0:1110 \
-    MAILPROXY_SMTP__LISTEN=0.0.0.0:1587
+    MAILPROXY_SMTP__LISTEN=0.0.0.0:1587 \
+    MAILPROXY_IMAP__TLS_LISTEN=0.0.0.0:1993 \
+    MAILPROXY_POP3__TLS_LISTEN=0.0.0.0:1995 \
+    MAILPROXY_SMTP__TLS_LISTEN=0.0.0.0:1465 \
+    MAILPROXY_IMAP__REQUIRE_TLS=false \
+    MAILPROXY_POP3__REQUIRE_TLS=false \
+    MAILPROXY_SMTP__REQUIRE_TLS=false
 VOLUME ["/var/lib/mailproxy"]
 EXPOSE 1143 1110 1587 1993 1995 1465
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s CMD ["mailproxy", "health"]
+# The plain listeners are not on loopback inside the container, so they take passwords only
+# after STARTTLS (require_tls = "auto"); the CA to trust: docker exec ... mailproxy tls export-ca
 ENTRYPOINT ["mailproxy"]
 CMD ["run"]

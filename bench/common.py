@@ -163,9 +163,11 @@ def launch_proxy(tmp: Path, protocol: str, port: int, user: str, password: str,
 
     lines = [f'state_dir = "{tmp / "state"}"', 'log_level = "info"']
     for name in ("imap", "pop3", "smtp"):
+        own = (options or {}) if name == protocol else {}
         lines += [f"[{name}]", f'listen = "127.0.0.1:{port if name == protocol else free_port()}"']
-        if name == protocol:
-            lines += [f"{key} = {value}" for key, value in (options or {}).items()]
+        if "tls_listen" not in own:
+            lines.append(f'tls_listen = "127.0.0.1:{free_port()}"')
+        lines += [f"{key} = {value}" for key, value in own.items()]
     lines += ["[[accounts]]", f'address = "{user}"', 'provider = "custom"',
               f'client_id = "{TEST_CLIENT_ID}"', f'client_secret = "{TEST_CLIENT_SECRET}"',
               f'token_url = "{token_server.token_url}"', 'scopes = ["mail"]',

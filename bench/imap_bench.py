@@ -25,6 +25,8 @@ Measured, against the same Dovecot:
    from sending the command to the tagged OK, untimed warm-up round first, paths alternated.
 
    * ``proxy``:  client --plain loopback--> proxy --TLS--> Dovecot imaps (LOGIN, local password)
+   * ``proxy-tls``: client --TLS--> the proxy's implicit-TLS listener (its own CA, from
+     ``mailproxy tls export-ca``) --TLS--> Dovecot imaps: the proxy decrypts and encrypts.
    * ``direct``: client --TLS--> Dovecot imaps (AUTHENTICATE XOAUTH2 with an access token)
    * ``direct-plain`` (reference only): client --plain--> Dovecot's imap port, no TLS anywhere.
 
@@ -38,8 +40,9 @@ Measured, against the same Dovecot:
    does its TLS handshake (no session resumption, like the proxy); the proxy path's client
    connects in plain text and the proxy does the TLS handshake upstream.
 
-Goals: proxy throughput >= 0.9 x direct, proxy login p50 <= direct p50 + 5 ms. The verdicts are
-printed as PASS/MISS; the exit status is 0 unless something failed (1) or Ctrl-C (130).
+Goals: proxy throughput >= 0.9 x direct, proxy login p50 <= direct p50 + 5 ms; over the
+implicit-TLS listener >= 0.8 x direct and login p50 <= direct p50 + 3 ms (issue 11). The
+verdicts are printed as PASS/MISS; the exit status is 0 unless something failed (1) or Ctrl-C (130).
 """
 
 from __future__ import annotations
@@ -86,6 +89,8 @@ LOCAL_PASSWORD = "bench local password"
 TIMEOUT = 60.0
 THROUGHPUT_GOAL = 0.9
 LOGIN_GOAL_MS = 5.0
+TLS_THROUGHPUT_GOAL = 0.8
+TLS_LOGIN_GOAL_MS = 3.0
 _LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n$")
 _PROXY_LOGIN_LOG = re.compile(rb"imap login for \S+ via \S+ in ([\d.]+) ms")
 
@@ -286,6 +291,8 @@ class Environment:
         self.dovecot: Dovecot | None = None
         self.proxy: subprocess.Popen[bytes] | None = None
         self.proxy_port = 0
+        self.proxy_tls_port = 0
+        self.proxy_tls: ssl.SSLContext | None = None
         self.proxy_log = self.tmp / "proxy.log"
         self.ca: TestCA | None = None
         self.tls: ssl.SSLContext | None = None
@@ -316,10 +323,19 @@ class Environment:
     def _start_proxy(self) -> None:
         assert self.dovecot is not None and self.token_server is not None and self.ca
         self.proxy_port = free_port()
+        self.proxy_tls_port = free_port()
         self.proxy = launch_proxy(
             self.tmp, "imap", self.proxy_port, USER, LOCAL_PASSWORD, self.token_server,
             self.ca.ca_cert, {"imap_server": f'"127.0.0.1:{self.dovecot.imaps_port}"',
-                              "imap_tls": '"implicit"'})
+                              "imap_tls": '"implicit"'},
+            {"tls_listen": f'"127.0.0.1:{self.proxy_tls_port}"'})
+        # Trust the proxy's own CA, as a client would after `mailproxy tls export-ca`.
+        ca = subprocess.run(
+            [sys.executable, "-m", "proxy", "tls", "export-ca", "--config",
+             str(self.tmp / "mailproxy.toml")], capture_output=True, check=True, timeout=60,
+            cwd=Path(__file__).resolve().parents[1])
+        (self.tmp / "proxy-ca.pem").write_bytes(ca.stdout)
+        self.proxy_tls = ssl.create_default_context(cafile=str(self.tmp / "proxy-ca.pem"))
 
     def server_log_tail(self) -> str:
         return self.dovecot.log_tail() if self.dovecot is not None else ""
@@ -345,8 +361,10 @@ class Environment:
     def login(self, path: str, token: str) -> FastImap:
         """A logged-in client on ``path`` (proxy, direct, direct-plain)."""
         assert self.dovecot is not None
-        if path == "proxy":
-            client, _ = FastImap.connect(self.proxy_port)
+        if path in ("proxy", "proxy-tls"):
+            client, _ = FastImap.connect(
+                *((self.proxy_port,) if path == "proxy" else (self.proxy_tls_port,
+                                                              self.proxy_tls)))
             client.command(f"LOGIN {imap_quote(USER)} {imap_quote(LOCAL_PASSWORD)}")
             return client
         if path == "direct":
@@ -400,7 +418,7 @@ def fetch_once(env: Environment, path: str, token: str) -> FetchSample:
         dovecot_pid = env.dovecot._proc.pid
         proxy_pid = env.proxy.pid if env.proxy is not None else None
         c0, d0 = time.process_time(), children_cpu(dovecot_pid)
-        p0 = proc_cpu(proxy_pid) if path == "proxy" and proxy_pid else None
+        p0 = proc_cpu(proxy_pid) if path.startswith("proxy") and proxy_pid else None
         b0 = machine_busy()
         t0 = time.perf_counter()
         response = client.command("FETCH 1:* (BODY.PEEK[])", keep=False)
@@ -445,13 +463,14 @@ def timed_login(env: Environment, path: str, token: str) -> float:
 def measure_logins(env: Environment, count: int) -> tuple[dict[str, list[float]], list[float]]:
     token = env.access_token()
     progress("logins: warm-up (the first proxy login runs scrypt and fetches a token)")
+    paths = ("proxy", "direct", "proxy-tls")
     for _ in range(10):
-        timed_login(env, "proxy", token)
-        timed_login(env, "direct", token)
+        for path in paths:
+            timed_login(env, path, token)
     offset = env.proxy_log_offset()
-    times: dict[str, list[float]] = {"proxy": [], "direct": []}
+    times: dict[str, list[float]] = {path: [] for path in paths}
     for i in range(count):
-        order = ("proxy", "direct") if i % 2 == 0 else ("direct", "proxy")
+        order = paths if i % 2 == 0 else tuple(reversed(paths))
         for path in order:
             times[path].append(timed_login(env, path, token))
     time.sleep(0.2)  # let the proxy's log lines reach the file
@@ -507,6 +526,14 @@ def summarize(env: Environment, fetch: FetchResult, logins: dict[str, list[float
     out["login_ms"]["p50_diff_proxy_minus_direct"] = diff
     out["login_ms"]["goal_ms"] = LOGIN_GOAL_MS
     out["login_ms"]["verdict"] = "PASS" if diff <= LOGIN_GOAL_MS else "MISS"
+    if "proxy-tls" in out["fetch"]:
+        tls_ratio = out["fetch"]["proxy-tls"]["median_mb_s"] / out["fetch"]["direct"]["median_mb_s"]
+        out["fetch"]["ratio_proxy_tls_direct"] = tls_ratio
+        out["fetch"]["tls_verdict"] = "PASS" if tls_ratio >= TLS_THROUGHPUT_GOAL else "MISS"
+    if "proxy-tls" in out["login_ms"]:
+        tls_diff = out["login_ms"]["proxy-tls"]["p50"] - out["login_ms"]["direct"]["p50"]
+        out["login_ms"]["p50_diff_proxy_tls_minus_direct"] = tls_diff
+        out["login_ms"]["tls_verdict"] = "PASS" if tls_diff <= TLS_LOGIN_GOAL_MS else "MISS"
     return out
 
 
@@ -518,7 +545,7 @@ def print_report(r: dict[str, Any]) -> None:
     print("\n1. Bulk FETCH 1:* (BODY.PEEK[]), one connection (MB = 10^6 bytes)")
     print(f"  {'path':<13}{'median MB/s':>12}{'min':>8}{'max':>8}  "
           f"{'CPU s/GB: client':>16}{'proxy':>7}{'dovecot':>9}{'machine busy':>14}")
-    for path in ("proxy", "direct", "direct-plain"):
+    for path in ("proxy", "proxy-tls", "direct", "direct-plain"):
         f = r["fetch"].get(path)
         if f is None:
             continue
@@ -536,11 +563,16 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"  ratio proxy/direct = {f['ratio_proxy_direct']:.3f}  "
           f"(goal >= {f['goal']})  {f['verdict']}   "
           f"[median of per-round ratios: {f['paired_ratio_median']:.3f}]")
+    if "ratio_proxy_tls_direct" in f:
+        print(f"  proxy-tls: client --TLS--> proxy's TLS listener --TLS--> Dovecot imaps; proxy "
+              f"{f['proxy-tls']['proxy_cpu_s_per_gb']:.2f} CPU s per GB; ratio proxy-tls/direct "
+              f"= {f['ratio_proxy_tls_direct']:.3f} (goal >= {TLS_THROUGHPUT_GOAL})  "
+              f"{f['tls_verdict']}")
     lm = r["login_ms"]
     print("\n2. Login latency, cached token: connect + greeting + login until tagged OK (ms)")
     print(f"  {'path':<16}{'p50':>8}{'p90':>8}{'p99':>8}{'mean':>8}")
-    for path, label in (("proxy", "proxy (LOGIN)"), ("direct", "direct (XOAUTH2)"),
-                        ("proxy_internal", "proxy's own log")):
+    for path, label in (("proxy", "proxy (LOGIN)"), ("proxy-tls", "proxy TLS (LOGIN)"),
+                        ("direct", "direct (XOAUTH2)"), ("proxy_internal", "proxy's own log")):
         if path in lm:
             p = lm[path]
             print(f"  {label:<16}{p['p50']:>8.2f}{p['p90']:>8.2f}{p['p99']:>8.2f}"
@@ -551,6 +583,10 @@ def print_report(r: dict[str, Any]) -> None:
           "upstream OK)")
     print(f"  p50 difference proxy - direct = {lm['p50_diff_proxy_minus_direct']:+.2f} ms  "
           f"(goal <= {lm['goal_ms']:.0f} ms)  {lm['verdict']}")
+    if "p50_diff_proxy_tls_minus_direct" in lm:
+        print(f"  p50 difference proxy-tls - direct = "
+              f"{lm['p50_diff_proxy_tls_minus_direct']:+.2f} ms (both with a TLS handshake; "
+              f"goal <= {TLS_LOGIN_GOAL_MS:.0f} ms)  {lm['tls_verdict']}")
 
 
 def main() -> int:
@@ -571,7 +607,7 @@ def main() -> int:
     env = Environment(args.messages, args.size)
 
     def measure() -> dict[str, Any]:
-        paths = ["proxy", "direct"] + ([] if args.no_plain else ["direct-plain"])
+        paths = ["proxy", "proxy-tls", "direct"] + ([] if args.no_plain else ["direct-plain"])
         fetch = measure_fetch(env, args.rounds, paths)
         logins, internal = measure_logins(env, args.logins)
         return summarize(env, fetch, logins, internal, args)

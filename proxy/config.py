@@ -9,6 +9,7 @@ by section once the TLS, queue, admin and metrics sections have landed.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import ipaddress
 import os
@@ -65,6 +66,17 @@ def _check_hostport(value: str) -> str:
 
 
 HostPort = Annotated[str, AfterValidator(_check_hostport)]
+
+
+def _check_optional_hostport(value: str) -> str:
+    return value and _check_hostport(value)
+
+
+# "" turns the listener off.
+OptionalHostPort = Annotated[str, AfterValidator(_check_optional_hostport)]
+# "auto": required when the listener's address is not a loopback address.
+RequireTls = Literal["auto"] | bool
+TlsVersion = Literal["1.0", "1.1", "1.2", "1.3"]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -125,8 +137,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ImapListener(_Strict):
+class _TlsListener(_Strict):
+    """What the three listener tables share about local TLS."""
+
+    listen: HostPort
+    tls_listen: OptionalHostPort
+    require_tls: RequireTls = "auto"
+    # Oldest TLS version accepted on this protocol's listeners; "1.0"/"1.1" for old devices.
+    tls_min_version: TlsVersion = "1.2"
+
+    @property
+    def plain_requires_tls(self) -> bool:
+        """Whether the plain listener refuses passwords before STARTTLS."""
+        if self.require_tls == "auto":
+            return not is_loopback_host(parse_hostport(self.listen)[0])
+        return self.require_tls
+
+
+class ImapListener(_TlsListener):
     listen: HostPort = "127.0.0.1:1143"
+    tls_listen: OptionalHostPort = "127.0.0.1:1993"
     # Before login: longest command line and literal a client may send, and how long it may idle.
     max_line: int = Field(default=8192, ge=512)
     max_literal: int = Field(default=8192, ge=64)
@@ -139,17 +169,19 @@ class ImapListener(_Strict):
     stall_timeout: float = Field(default=60.0, gt=0)
 
 
-class Pop3Listener(_Strict):
+class Pop3Listener(_TlsListener):
     # POP3 lines are limited by the protocol (255 octets), so there is nothing else to set.
     listen: HostPort = "127.0.0.1:1110"
+    tls_listen: OptionalHostPort = "127.0.0.1:1995"
     login_timeout: float = Field(default=60.0, gt=0)
     max_connections: int = Field(default=1000, ge=0)
     max_connections_per_ip: int = Field(default=512, ge=0)
     stall_timeout: float = Field(default=60.0, gt=0)
 
 
-class SmtpListener(_Strict):
+class SmtpListener(_TlsListener):
     listen: HostPort = "127.0.0.1:1587"
+    tls_listen: OptionalHostPort = "127.0.0.1:1465"
     # Largest message accepted, in bytes; 0: the upstream server's SIZE.
     max_message_size: int = Field(default=0, ge=0)
     # Seconds a client may stay silent (before and after login) before it is disconnected.
@@ -244,6 +276,45 @@ class Device(_Strict):
     def allows_sender(self, sender: str) -> bool:
         wanted = sender.casefold()
         return any(s.casefold() == wanted for s in self.senders)
+
+
+def _check_tls_name(value: str) -> str:
+    value = value.strip().rstrip(".")
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(value))
+    labels = value.removeprefix("*.").split(".")
+    if not value or len(value) > 253 or not all(
+            label and len(label) <= 63 and label.replace("-", "").isalnum() and label.isascii()
+            for label in labels) or labels[-1].isdigit():  # all digits: a mistyped address
+        raise ValueError(f"expected a host name or an IP address, got {value!r}")
+    return value.lower()
+
+
+class TlsSettings(_Strict):
+    # A certificate (PEM, the chain after it allowed) and its key (PEM, unencrypted; may be in
+    # cert_file). Replaced on disk, it is used for new connections without a restart. Without
+    # them mailproxy makes its own local CA and certificate in state_dir/tls/.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Names and addresses the generated certificate adds to localhost, 127.0.0.1, ::1 and
+    # this machine's host name.
+    names: list[Annotated[str, AfterValidator(_check_tls_name)]] = []
+
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _existing_file(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        return self
 
 
 class TokenSettings(_Strict):
@@ -504,6 +575,7 @@ class Settings(BaseSettings):
     imap: ImapListener = ImapListener()
     pop3: Pop3Listener = Pop3Listener()
     smtp: SmtpListener = SmtpListener()
+    tls: TlsSettings = TlsSettings()
     tokens: TokenSettings = TokenSettings()
     vault: VaultSettings = VaultSettings()
     notify: NotifySettings = NotifySettings()

@@ -32,7 +32,10 @@ log = logging.getLogger("mailproxy.net")
 
 
 class Conn(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, *, tls_first: bool = False) -> None:
+        """``tls_first``: an implicit-TLS listener's connection; nothing is read until
+        ``accept_tls`` (the ClientHello must reach the TLS layer, not our buffer)."""
+        self._tls_first = tls_first
         self.transport: asyncio.Transport | None = None
         self.peer: Conn | None = None
         loop = asyncio.get_running_loop()
@@ -60,6 +63,8 @@ class Conn(asyncio.Protocol):
         sock = stream.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._tls_first:
+            stream.pause_reading()  # accept_tls resumes it under TLS
         if not self.connected.done():
             self.connected.set_result(None)
 
@@ -153,6 +158,12 @@ class Conn(asyncio.Protocol):
         del self._buf[:_RECV_MAX]
         self._flow()
         return data
+
+    def discard_buffered(self) -> int:
+        """Drop what arrived but was not read yet; returns how many bytes."""
+        dropped = len(self._buf)
+        self._buf = bytearray()
+        return dropped
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -268,6 +279,36 @@ async def start_tls(conn: Conn, context: ssl.SSLContext, host: str, timeout: flo
     if transport is None:
         raise ConnectionError("connection closed during the TLS handshake")
     conn.transport = transport
+
+
+async def accept_tls(conn: Conn, context: ssl.SSLContext, timeout: float, *,
+                     reply: bytes = b"") -> int:
+    """The server side of a TLS handshake on ``conn``: at once on an implicit-TLS listener
+    (a ``Conn(tls_first=True)``), or after STARTTLS/STLS with ``reply`` its go-ahead.
+
+    Reading stops first, then whatever the client sent in the clear and was not read yet is
+    dropped, and only then goes ``reply`` out: a client that waits for the go-ahead has sent
+    nothing that is dropped, and what a client sent without waiting is never taken as a
+    command under TLS (the STARTTLS injection class; bytes still in the socket reach the TLS
+    layer and fail the handshake). Returns how many bytes were dropped. Raises
+    ``ssl.SSLError``, ``OSError`` or ``TimeoutError`` when the handshake fails.
+    """
+    loop = asyncio.get_running_loop()
+    transport = conn.transport
+    assert transport is not None
+    # No await from here to start_tls, which installs TLS before reading resumes.
+    transport.pause_reading()
+    conn._paused_reading = False  # the pre-login back-pressure pause is subsumed by this one
+    dropped = conn.discard_buffered()
+    if reply:
+        transport.write(reply)
+    tls = await loop.start_tls(transport, conn, context, server_side=True,
+                               ssl_handshake_timeout=timeout)
+    if tls is None:
+        raise ConnectionError("connection closed during the TLS handshake")
+    tls.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+    conn.transport = tls
+    return dropped
 
 
 def describe_error(exc: BaseException) -> str:

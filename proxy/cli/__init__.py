@@ -1,7 +1,7 @@
 """Command line: ``mailproxy run``, ``authorize``, ``password set|add|remove|list``,
 ``token import``, ``status``, ``admin``, ``queue list|show|retry|delete``, ``reload``,
-``health`` and ``check``; one module per command group (the queue's in ``proxy.queue.admin``),
-the arguments in ``parser``."""
+``health``, ``check`` and ``tls export-ca|info``; one module per command group (the queue's
+in ``proxy.queue.admin``), the arguments in ``parser``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ..queue import admin as queue_admin
 
             return queue_admin.run(settings.queue_dir, args)
+        if args.command == "tls":
+            from .tls import tls
+
+            return tls(settings, args.action)
         account = find_account(settings, args.account)
         if args.command == "authorize":
             from .authorize import authorize

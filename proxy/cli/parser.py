@@ -131,4 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--no-browser", action="store_true",
                        help="only print the link (e.g. to open it through an SSH tunnel)")
     queue_admin.add_parser(sub, [config])
+
+    tls = sub.add_parser("tls", parents=[config], help="the local listeners' TLS certificate",
+                         description="Show the certificate the local TLS listeners serve.")
+    tlssub = tls.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tlssub.add_parser("export-ca", parents=[config],
+                      help="print the local CA certificate (PEM) for clients to trust",
+                      description="Print the CA that signs mailproxy's own certificate, in "
+                                  "PEM, for clients and devices to trust.")
+    tlssub.add_parser("info", parents=[config],
+                      help="subject, names, expiry and SHA-256 fingerprints",
+                      description="Print subject, names, expiry and SHA-256 fingerprints of "
+                                  "the certificate served and of the local CA.")
     return parser

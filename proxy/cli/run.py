@@ -10,6 +10,7 @@ from ..config import Settings
 from ..daemon.control import ControlError
 from ..daemon.server import serve
 from ..daemon.startup import EXIT_CONFIG, StartupError
+from ..tls.contexts import TlsSetupError
 from ..tokens.keys import MasterKeyError
 from .common import EXIT_OK, CliError
 
@@ -27,7 +28,7 @@ def run(settings: Settings, path: Path | None) -> int:
         asyncio.run(serve(settings, path))
     except StartupError as exc:
         raise CliError(f"cannot start: {exc}", exc.code) from None
-    except (MasterKeyError, ControlError) as exc:
+    except (MasterKeyError, ControlError, TlsSetupError) as exc:
         raise CliError(f"cannot start: {exc}", EXIT_CONFIG) from None
     except OSError as exc:
         raise CliError(f"cannot start: {exc}") from None

@@ -35,6 +35,16 @@ class StartTls:
 
 
 @dataclass(frozen=True)
+class AcceptTls:
+    """The client asked for STARTTLS/STLS: stop reading, send ``reply`` (the go-ahead), do the
+    server side of the TLS handshake, then call the core's ``tls_established``. ``dropped``:
+    bytes the client had pipelined after the command, which the core discarded."""
+
+    reply: bytes
+    dropped: int
+
+
+@dataclass(frozen=True)
 class ReadyToAuthenticate:
     """The upstream's capabilities are known: call ``authenticate(token)``."""
 
@@ -66,5 +76,5 @@ class UpstreamFailed:
     lacks: str = field(default="", compare=False)
 
 
-Event = Send | Close | LoginRequest | StartTls | ReadyToAuthenticate | LoggedIn | Rejected \
-    | UpstreamFailed
+Event = Send | Close | LoginRequest | StartTls | AcceptTls | ReadyToAuthenticate | LoggedIn \
+    | Rejected | UpstreamFailed

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from .. import __version__
 from .events import Event, Send
 from .local import ClientError, LocalDialogue, State
+from .tlsoffer import TlsOffer
 
 __all__ = ["ACCEPTED", "CAPABILITIES", "ClientError", "ImapLocal", "State"]
 
 CAPABILITIES = "IMAP4rev1 AUTH=PLAIN SASL-IR ID LITERAL+"
+PRIVACY_REQUIRED = ("NO [PRIVACYREQUIRED] Passwords are not accepted in the clear here: use "
+                    "STARTTLS first (or the implicit-TLS port)")
 ACCEPTED = "CAPABILITY, NOOP, ID, LOGIN, AUTHENTICATE PLAIN and LOGOUT"
 
 _LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}$")
@@ -120,8 +123,8 @@ class ImapLocal(LocalDialogue):
     FAILURES_BYE = "* BYE Too many failed logins\r\n"
 
     def __init__(self, *, max_line: int = 8192, max_literal: int = 8192,
-                 max_auth_failures: int = 5) -> None:
-        super().__init__(max_auth_failures=max_auth_failures)
+                 max_auth_failures: int = 5, tls: TlsOffer | None = None) -> None:
+        super().__init__(max_auth_failures=max_auth_failures, tls=tls)
         self.max_line = max_line
         self.max_literal = max_literal
         self._parts: list[bytes | _Literal] = []
@@ -129,7 +132,18 @@ class ImapLocal(LocalDialogue):
         self._tag = ""
 
     def greeting(self) -> bytes:
-        return f"* OK [CAPABILITY {CAPABILITIES}] mailproxy ready\r\n".encode()
+        return f"* OK [CAPABILITY {self.capabilities()}] mailproxy ready\r\n".encode()
+
+    def capabilities(self) -> str:
+        """What this connection offers now (RFC 3501 6.2.1: LOGINDISABLED and no AUTH= while
+        passwords wait for TLS)."""
+        if not self.tls.available:
+            return CAPABILITIES
+        words = ["IMAP4rev1"]
+        if self.tls.can_start:
+            words.append("STARTTLS")
+        words += ["AUTH=PLAIN", "SASL-IR"] if self.tls.passwords_allowed else ["LOGINDISABLED"]
+        return " ".join([*words, "ID", "LITERAL+"])
 
     # -- input -----------------------------------------------------------------------------
 
@@ -207,8 +221,8 @@ class ImapLocal(LocalDialogue):
         args = tokens[1:]
         tag = self._tag
         if command == "CAPABILITY":
-            return [Send(f"* CAPABILITY {CAPABILITIES}\r\n{tag} OK CAPABILITY completed\r\n"
-                         .encode())]
+            return [Send(f"* CAPABILITY {self.capabilities()}\r\n{tag} OK CAPABILITY "
+                         "completed\r\n".encode())]
         if command == "NOOP":
             return [Send(f"{tag} OK NOOP completed\r\n".encode())]
         if command == "ID":
@@ -217,6 +231,8 @@ class ImapLocal(LocalDialogue):
         if command == "LOGOUT":
             return self._close(f"* BYE mailproxy logging out\r\n{tag} OK LOGOUT completed\r\n",
                                "logout")
+        if command in ("LOGIN", "AUTHENTICATE") and not self.tls.passwords_allowed:
+            return [Send(f"{tag} {PRIVACY_REQUIRED}\r\n".encode())]
         if command == "LOGIN":
             if len(args) != 2 or any(a is None for a in args):
                 raise ClientError("BAD LOGIN expects a user name and a password")
@@ -225,6 +241,12 @@ class ImapLocal(LocalDialogue):
             return self._login(user, password, "LOGIN")
         if command == "AUTHENTICATE":
             return self._authenticate(args)
+        if command == "STARTTLS" and self.tls.active:
+            raise ClientError("BAD TLS is already active")
+        if command == "STARTTLS" and self.tls.available:
+            if args:
+                raise ClientError("BAD STARTTLS takes no arguments")
+            return self._begin_tls(f"{tag} OK Begin TLS negotiation now\r\n")
         if command == "STARTTLS":
             return [Send(f"{tag} NO STARTTLS is not available: this listener has no TLS "
                          "configured; connect without TLS (it listens on this machine only)\r\n"

@@ -1,13 +1,15 @@
 """What the IMAP and POP3 local (client-side) cores share: the pre-login states, input
-buffering, the pending login and its outcome, failed-login counting, PLAIN and closing."""
+buffering, STARTTLS/STLS, the pending login and its outcome, failed-login counting, PLAIN and
+closing."""
 
 from __future__ import annotations
 
 from enum import Enum, auto
 from typing import ClassVar
 
-from .events import Close, Event, LoginRequest, Send
+from .events import AcceptTls, Close, Event, LoginRequest, Send
 from .sasl import SaslError, decode_plain
+from .tlsoffer import TlsOffer
 
 # Client errors a connection may make before login before it is closed: a client that sends
 # junk and never reads must not make the daemon answer (and buffer) without end.
@@ -19,6 +21,7 @@ class State(Enum):
     LITERAL = auto()  # IMAP only: reading the bytes of a {n} literal
     SASL = auto()  # waiting for the client's AUTHENTICATE / AUTH PLAIN response line
     LOGIN = auto()  # the shell is logging in; input is buffered
+    TLS = auto()  # the shell is doing the TLS handshake after STARTTLS/STLS
     DONE = auto()  # logged in: the rest is relayed
     CLOSED = auto()
 
@@ -47,16 +50,17 @@ class LocalDialogue:
     INVALID_BYE: ClassVar[str]  # after too many invalid commands
 
     def __init__(self, *, max_auth_failures: int = 5,
-                 max_bad_commands: int = MAX_BAD_COMMANDS) -> None:
+                 max_bad_commands: int = MAX_BAD_COMMANDS, tls: TlsOffer | None = None) -> None:
         self.max_auth_failures = max_auth_failures
         self.max_bad_commands = max_bad_commands
+        self.tls = tls if tls is not None else TlsOffer()
         self.state = State.COMMAND
         self._buf = bytearray()
         self._failures = 0
         self._bad = 0
 
     def receive(self, data: bytes) -> list[Event]:
-        if self.state in (State.DONE, State.CLOSED):
+        if self.state in (State.TLS, State.DONE, State.CLOSED):
             raise RuntimeError(f"receive() in state {self.state.name}")
         self._buf += data
         return self._process()
@@ -65,7 +69,24 @@ class LocalDialogue:
         """The client stayed silent too long before logging in."""
         return self._close(self.IDLE_BYE, "idle")
 
-    # -- login outcome (from the shell) ----------------------------------------------------
+    # -- outcomes (from the shell) ---------------------------------------------------------
+
+    def tls_established(self) -> list[Event]:
+        """The handshake after STARTTLS/STLS succeeded: read commands again, under TLS (the
+        client asks for the capabilities again; the old answer no longer holds)."""
+        if self.state is not State.TLS:
+            raise RuntimeError(f"no STARTTLS pending (state {self.state.name})")
+        self.tls.active = True
+        self.state = State.COMMAND
+        return self._process()
+
+    def _begin_tls(self, go_ahead: str) -> list[Event]:
+        """Answer STARTTLS/STLS with ``go_ahead`` through the shell, which upgrades."""
+        # Whatever came after the command line was sent without waiting for our answer: it
+        # must never run as a command under TLS (the STARTTLS command injection class).
+        dropped, self._buf = len(self._buf), bytearray()
+        self.state = State.TLS
+        return [AcceptTls(go_ahead.encode(), dropped)]
 
     def login_rejected(self, reply: str) -> list[Event]:
         """Answer the pending login with ``reply`` (e.g. ``NO [UNAVAILABLE] ...``)."""

@@ -11,6 +11,7 @@ import re
 
 from .events import Event, Send
 from .local import ClientError, LocalDialogue, State
+from .tlsoffer import TlsOffer
 
 __all__ = ["ACCEPTED", "CAPABILITIES", "MAX_LINE", "MAX_SASL_LINE", "ClientError", "Pop3Local",
            "State"]
@@ -19,6 +20,8 @@ __all__ = ["ACCEPTED", "CAPABILITIES", "MAX_LINE", "MAX_SASL_LINE", "ClientError
 # offer it (Gmail does not). After login the server's own CAPA answer is relayed.
 CAPABILITIES = ("USER", "SASL PLAIN", "RESP-CODES", "AUTH-RESP-CODE", "IMPLEMENTATION mailproxy")
 ACCEPTED = "CAPA, USER, PASS, AUTH PLAIN and QUIT"
+PRIVACY_REQUIRED = ("-ERR Passwords are not accepted in the clear here: send STLS first (or "
+                    "use the implicit-TLS port)")
 
 # RFC 2449 section 4: a command line is at most 255 octets, CRLF included.
 MAX_LINE = 255
@@ -48,12 +51,21 @@ class Pop3Local(LocalDialogue):
     FAILURES_BYE = ""
     INVALID_BYE = ""
 
-    def __init__(self, *, max_auth_failures: int = 5) -> None:
-        super().__init__(max_auth_failures=max_auth_failures)
+    def __init__(self, *, max_auth_failures: int = 5, tls: TlsOffer | None = None) -> None:
+        super().__init__(max_auth_failures=max_auth_failures, tls=tls)
         self._user: str | None = None
 
     def greeting(self) -> bytes:
         return b"+OK mailproxy ready\r\n"
+
+    def capabilities(self) -> list[str]:
+        """CAPA now: STLS while it can start, no USER/SASL while passwords wait for TLS."""
+        words = list(CAPABILITIES)
+        if not self.tls.passwords_allowed:
+            words = [w for w in words if w not in ("USER", "SASL PLAIN")]
+        if self.tls.can_start:
+            words.insert(0, "STLS")
+        return words
 
     # -- input -----------------------------------------------------------------------------
 
@@ -84,8 +96,11 @@ class Pop3Local(LocalDialogue):
             raise ClientError("-ERR Not a POP3 command")
         command = keyword.decode("ascii").upper()
         if command == "CAPA":
-            lines = "".join(f"{c}\r\n" for c in CAPABILITIES)
+            lines = "".join(f"{c}\r\n" for c in self.capabilities())
             return [Send(f"+OK Capability list follows\r\n{lines}.\r\n".encode())]
+        if command in ("USER", "PASS", "AUTH") and not self.tls.passwords_allowed:
+            self._user = None
+            raise ClientError(PRIVACY_REQUIRED)
         if command == "USER":
             user = _utf8(rest, "The user name").strip()
             if not user:
@@ -102,6 +117,11 @@ class Pop3Local(LocalDialogue):
             return self._auth(rest.split())
         if command == "QUIT":
             return self._close("+OK mailproxy signing off\r\n", "quit")
+        if command == "STLS" and self.tls.active:
+            raise ClientError("-ERR Command not permitted when TLS active")
+        if command == "STLS" and self.tls.available:
+            self._user = None
+            return self._begin_tls("+OK Begin TLS negotiation\r\n")
         if command == "STLS":
             raise ClientError("-ERR STLS is not available: this listener has no TLS "
                               "configured; connect without TLS (it listens on this machine only)")

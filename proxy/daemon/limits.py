@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import resource
 import time
 from typing import Any
 
@@ -59,19 +58,6 @@ def refuse(transport: asyncio.BaseTransport, proto: str) -> None:
     if isinstance(transport, asyncio.WriteTransport):
         transport.write(BUSY[proto])
     transport.close()
-
-
-def raise_fd_limit() -> int:
-    """Raise the soft limit of open files to the hard one (systemd's default soft limit is
-    1,024, each session needs two); returns the limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 class QuietResourceErrors:

@@ -24,11 +24,14 @@ from ..admin.model import LINK_COMMAND
 from ..config import Account, Settings, is_loopback_host, load_config, parse_hostport
 from ..login import Gate, authorize_hint
 from ..net import Conn, peer_host
+from ..tls.contexts import ServerTls, startup_warnings
+from ..tls.listener import ClientTls
+from ..tls.memory import raise_open_file_limit, release_free_memory, share_tls_read_buffer
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
 from .control import AlreadyRunning, ControlError, ControlServer
-from .limits import ConnectionLimits, QuietResourceErrors, raise_fd_limit, refuse
+from .limits import ConnectionLimits, QuietResourceErrors, refuse
 from .metrics import Metrics, MetricsServer
 from .notify import Event, EventName, Notifier, event_key
 from .reload import Loader, Reloader
@@ -45,8 +48,10 @@ LISTEN_BACKLOG = 4096
 # Everything from SIGTERM to exit fits in this (the unit's TimeoutStopSec is 20 s): sessions get
 # `shutdown_grace`, then a token request on the wire gets what is left.
 STOP_BUDGET = 18.0
+# How often freed memory is handed back to the system, when sessions ended since.
+MEMORY_RELEASE_INTERVAL = 60.0
 
-Session = Callable[[Gate, Settings, Conn], Awaitable[None]]
+Session = Callable[[Gate, Settings, Conn, ClientTls], Awaitable[None]]
 
 
 class Daemon:
@@ -91,6 +96,9 @@ class Daemon:
         self.admin = admin_service(self)
         self.queue: QueueService | None = None
         self._refused_logged = 0.0
+        self._ended_count = 0  # sessions ended since memory was last released
+        self.tls = ServerTls(settings)
+        self.smtp.tls = self.tls
 
     def stop(self) -> None:
         self._stop.set()
@@ -104,7 +112,10 @@ class Daemon:
         loop = asyncio.get_running_loop()
         quiet = QuietResourceErrors(loop)
         quiet.install()
-        log.debug("open files limit: %d", raise_fd_limit())
+        before, after = raise_open_file_limit()
+        if after != before:
+            log.info("open file limit raised from %d to %d", before, after)
+        share_tls_read_buffer()
         # The single-instance lock before anything else: a second daemon must not bind, open
         # vaults or refresh tokens (a rotated refresh token used twice is lost).
         try:
@@ -133,9 +144,12 @@ class Daemon:
 
     async def _run(self, queue: QueueService | None) -> None:
         settings = self.settings
+        for warning in startup_warnings(settings):
+            log.warning("%s", warning)
+        await self.tls.start()
         try:
-            listen = {proto: getattr(settings, proto).listen for proto in ("imap", "pop3", "smtp")}
-            self.servers.update(await self.bind_listeners(listen, settings, startup=True))
+            self.servers.update(await self.bind_listeners(listeners(settings), settings,
+                                                          startup=True))
             if settings.metrics.listen:
                 await self.metrics_server.start(settings.metrics.listen)
         except BaseException:
@@ -149,7 +163,9 @@ class Daemon:
             self._report_accounts()
             background = [tg.create_task(self.gate.tokens.run(), name="token-refresher"),
                           tg.create_task(self.reloader.run(), name="reloader"),
-                          tg.create_task(self.systemd.run(self.status_line), name="systemd")]
+                          tg.create_task(self.systemd.run(self.status_line), name="systemd"),
+                          tg.create_task(self.tls.run(), name="tls-reload"),
+                          tg.create_task(self._release_memory(), name="memory-release")]
             if self.admin is not None:
                 await self.admin.start()
                 background.append(tg.create_task(self.admin.serve(), name="admin-page"))
@@ -189,15 +205,22 @@ class Daemon:
         opened: dict[str, asyncio.Server] = {}
         proto, host, port = "", "", 0
         try:
-            for proto, where in listen.items():
+            for name, where in listen.items():
+                # "imaps", "pop3s", "smtps": the implicit-TLS listener of that protocol.
+                implicit = name.endswith("s")
+                proto = name[:-1] if implicit else name
                 host, port = parse_hostport(where)
                 if proto == "smtp":
                     # aiosmtpd brings its own protocol class; the service drains its sessions.
-                    opened[proto] = await self.smtp.start(host, port, backlog=LISTEN_BACKLOG)
-                else:
-                    opened[proto] = await loop.create_server(
-                        self._factory(proto, sessions[proto]), host, port,
-                        backlog=LISTEN_BACKLOG, reuse_address=True)
+                    start = self.smtp.start_implicit if implicit else self.smtp.start
+                    opened[name] = await start(host, port, backlog=LISTEN_BACKLOG)
+                    continue
+                listener = getattr(settings, proto)
+                tls = ClientTls(self.tls, listener.tls_min_version, implicit=implicit,
+                                required=implicit or listener.plain_requires_tls)
+                opened[name] = await loop.create_server(
+                    self._factory(proto, sessions[proto], tls), host, port,
+                    backlog=LISTEN_BACKLOG, reuse_address=True)
         except OSError as exc:
             for server in opened.values():
                 server.close()
@@ -407,17 +430,31 @@ class Daemon:
                 log.warning("account %s is not authorized (%s): %s", account.address,
                             status["needs_authorization"], authorize_hint(account))
 
-    def _factory(self, proto: str, session: Session) -> Callable[[], Conn]:
+    def _factory(self, proto: str, session: Session, tls: ClientTls) -> Callable[[], Conn]:
         def make() -> Conn:
-            conn = Conn()
-            task = asyncio.get_running_loop().create_task(self._guard(proto, session, conn))
+            conn = Conn(tls_first=tls.implicit)
+            task = asyncio.get_running_loop().create_task(
+                self._guard(proto, session, conn, tls))
             self._sessions.add(task)
-            task.add_done_callback(self._sessions.discard)
+            task.add_done_callback(self._session_done)
             return conn
 
         return make
 
-    async def _guard(self, proto: str, session: Session, conn: Conn) -> None:
+    def _session_done(self, task: asyncio.Task[None]) -> None:
+        self._sessions.discard(task)
+        self._ended_count += 1
+
+    async def _release_memory(self) -> None:
+        """Hand memory freed by ended sessions back to the system now and then, so RSS goes
+        back down after a crowd of clients leaves."""
+        while True:
+            await asyncio.sleep(MEMORY_RELEASE_INTERVAL)
+            if self._ended_count:
+                self._ended_count = 0
+                await asyncio.to_thread(release_free_memory)
+
+    async def _guard(self, proto: str, session: Session, conn: Conn, tls: ClientTls) -> None:
         # The protocol factory runs before the transport is attached.
         await conn.connected
         host = peer_host(conn)
@@ -434,7 +471,7 @@ class Daemon:
         session_log.debug("session started")
         self._open[proto] += 1
         try:
-            await session(self.gate, self.settings, conn)
+            await session(self.gate, self.settings, conn, tls)
         except asyncio.CancelledError:
             conn.abort()
             raise
@@ -447,18 +484,14 @@ class Daemon:
             counts = conn.counts or logs.tcp_counts(conn.transport)
             conn.close()
             logs.log_session_end(session_log, started, counts)
-            # The kernel's counters, read as the connection went (its end is the edge).
-            conn.closed.add_done_callback(functools.partial(self._ended, proto, conn))
+            if counts is not None:  # the kernel's counters, read as the connection went
+                self.metrics.session_ended(proto, *counts)
 
     def _log_refused(self, proto: str, host: str) -> None:
         now = time.monotonic()
         if now - self._refused_logged >= 10.0:  # not a line per connection of a flood
             self._refused_logged = now
             log.warning("%s: connection from %s refused: too many connections", proto, host)
-
-    def _ended(self, proto: str, conn: Conn, _: object) -> None:
-        if conn.counts is not None:
-            self.metrics.session_ended(proto, *conn.counts)
 
     async def _drain(self, grace: float) -> None:
         """Give open sessions ``grace`` seconds to finish, then cut them off."""
@@ -468,6 +501,17 @@ class Daemon:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+
+def listeners(settings: Settings) -> dict[str, str]:
+    """Every listener to bind: ``{"imap": "host:port", "imaps": ..., ...}`` (TLS ones when set)."""
+    out = {}
+    for proto in ("imap", "pop3", "smtp"):
+        listener = getattr(settings, proto)
+        out[proto] = listener.listen
+        if listener.tls_listen:
+            out[proto + "s"] = listener.tls_listen
+    return out
 
 
 def _notifier(settings: Settings) -> Notifier:

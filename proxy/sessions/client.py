@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..config import Account
-from ..core.events import Close, Event, LoginRequest, Send
+from ..core.events import AcceptTls, Close, Event, LoginRequest, Send
 from ..login import Gate, Refusal
 from ..net import Conn, peer_host, splice
+from ..tls.listener import ClientTls
 from .dialogue import masked
 from .upstream import UpstreamSession
 
@@ -32,14 +33,19 @@ class LocalCore(Protocol):
 
     def login_accepted(self, capabilities: str | None) -> tuple[bytes, bytes]: ...
 
+    def tls_established(self) -> list[Event]: ...
+
 
 async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
                        login_timeout: float,
                        make_upstream: Callable[[Account], UpstreamSession],
                        reply_for: Callable[[Refusal], str],
-                       stall_timeout: float | None = None) -> None:
+                       stall_timeout: float | None = None, tls: ClientTls | None = None) -> None:
     """``login_timeout``: the whole time the client has to log in (commands do not extend
-    it); ``stall_timeout``: how long a logged-in client may leave our replies unread."""
+    it); ``stall_timeout``: how long a logged-in client may leave our replies unread; ``tls``:
+    the listener's TLS (implicit: the handshake comes first)."""
+    if tls is not None and tls.implicit and not await tls.handshake(client, proto):
+        return
     greeting = core.greeting()
     log.debug("S: %s", greeting[:200].decode("utf-8", "replace").rstrip())
     client.write(greeting)
@@ -66,6 +72,12 @@ async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
             elif isinstance(event, Close):
                 client.close()
                 return
+            elif isinstance(event, AcceptTls):
+                assert tls is not None  # a core offers STARTTLS only when given TLS
+                if not await tls.handshake(client, proto, reply=event.reply,
+                                           dropped=event.dropped):
+                    return
+                queue.extend(core.tls_established())
             elif isinstance(event, LoginRequest):
                 try:
                     _, upstream = await gate.log_in(

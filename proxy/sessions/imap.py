@@ -8,6 +8,7 @@ from ..core.imap import ImapLocal
 from ..core.imap_upstream import ImapUpstream
 from ..login import Gate, Refusal
 from ..net import Conn
+from ..tls.listener import ClientTls
 from .client import serve_client
 from .upstream import NoServer, UpstreamSession
 
@@ -27,12 +28,14 @@ class ImapUpstreamSession(UpstreamSession):
     core_type = ImapUpstream
 
 
-async def imap_session(gate: Gate, settings: Settings, client: Conn) -> None:
+async def imap_session(gate: Gate, settings: Settings, client: Conn,
+                       tls: ClientTls | None = None) -> None:
     limits = settings.imap
-    core = ImapLocal(max_line=limits.max_line, max_literal=limits.max_literal)
+    core = ImapLocal(max_line=limits.max_line, max_literal=limits.max_literal,
+                     tls=tls.offer() if tls else None)
     await serve_client(gate, client, core, proto="imap", login_timeout=limits.login_timeout,
                        make_upstream=ImapUpstreamSession,
-                       reply_for=_reply, stall_timeout=limits.stall_timeout)
+                       reply_for=_reply, stall_timeout=limits.stall_timeout, tls=tls)
 
 
 def _reply(refusal: Refusal) -> str:

@@ -10,6 +10,7 @@ from ..core.pop3 import Pop3Local
 from ..core.pop3_upstream import Pop3Upstream
 from ..login import Gate, Refusal
 from ..net import Conn
+from ..tls.listener import ClientTls
 from .client import serve_client
 from .upstream import NoServer, UpstreamSession
 
@@ -41,8 +42,10 @@ def _reply(refusal: Refusal) -> str:
     return f"{code} {refusal.text}"
 
 
-async def pop3_session(gate: Gate, settings: Settings, client: Conn) -> None:
-    await serve_client(gate, client, Pop3Local(), proto="pop3",
+async def pop3_session(gate: Gate, settings: Settings, client: Conn,
+                       tls: ClientTls | None = None) -> None:
+    core = Pop3Local(tls=tls.offer() if tls else None)
+    await serve_client(gate, client, core, proto="pop3",
                        login_timeout=settings.pop3.login_timeout,
                        make_upstream=Pop3UpstreamSession, reply_for=_reply,
-                       stall_timeout=settings.pop3.stall_timeout)
+                       stall_timeout=settings.pop3.stall_timeout, tls=tls)

@@ -18,6 +18,7 @@ import binascii
 import contextvars
 import logging
 import re
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, AnyStr
@@ -75,7 +76,8 @@ class SmtpFront(GuardedSMTP):
     aiosmtpd leaves no public way for some of this, so this module (and, for pushing bytes
     back into the client stream, ``data.unread``) alone uses its internals: ``_reader`` (the
     client stream, read by DATA), the idle timer (``_reset_timeout``, ``_timeout_cb``,
-    ``_timeout_handle``, ``_timeout_duration``), ``_auth_required``, ``_getaddr``,
+    ``_timeout_handle``, ``_timeout_duration``), ``_auth_required``, ``_auth_require_tls``,
+    ``_tls_protocol`` (whether STARTTLS is done), ``_getaddr``,
     ``_create_session``, ``_handler_coroutine`` and ``Session._login_data``.
     """
 
@@ -84,15 +86,20 @@ class SmtpFront(GuardedSMTP):
 
     def __init__(self, settings: Settings, hostname: str, sessions: Sessions,
                  on_lost: Callable[[SmtpFront], None],
-                 limits: ConnectionLimits | None = None) -> None:
+                 limits: ConnectionLimits | None = None, *,
+                 tls_context: ssl.SSLContext | None = None, tls_required: bool = False) -> None:
+        """``tls_context``: offer STARTTLS with it; ``tls_required``: no AUTH before it."""
         super().__init__(
             Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
             data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
             timeout=settings.smtp.idle_timeout, auth_require_tls=False,
+            tls_context=tls_context, require_starttls=False,
             loop=asyncio.get_running_loop())
         # Set after __init__: passing auth_required with auth_require_tls=False makes
-        # aiosmtpd warn on every connection. The listener is meant for loopback.
+        # aiosmtpd warn on every connection. With TLS required, EHLO lists AUTH only after
+        # STARTTLS (aiosmtpd's own rule, by _auth_require_tls); smtp_AUTH answers before that.
         self._auth_required = True
+        self._auth_require_tls = self._tls_required = tls_required
         self.settings = settings
         self.sessions = sessions
         self.on_lost = on_lost
@@ -348,6 +355,9 @@ class SmtpFront(GuardedSMTP):
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         assert self.session is not None
+        if self._tls_required and self._tls_protocol is None:
+            await self.push("530 5.7.0 Must issue a STARTTLS command first")
+            return
         if self.session.host_name and not self.session.extended_smtp:
             await self.push("503 5.5.1 Error: send EHLO first (AUTH is an ESMTP extension)")
             return

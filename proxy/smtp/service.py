@@ -8,11 +8,12 @@ import asyncio
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import Account, Delivery, Device, Settings
 from ..daemon.limits import ConnectionLimits
 from ..login import Gate, Refusal
+from ..tls.contexts import ServerTls
 from .front import DEFAULT_SIZE, SmtpFront
 from .pool import SessionPool
 from .sessions import Opened
@@ -30,12 +31,13 @@ class SmtpService:
 
     def __init__(self, gate: Gate, settings: Settings,
                  queue: QueueService | None = None,
-                 limits: ConnectionLimits | None = None) -> None:
+                 limits: ConnectionLimits | None = None, tls: ServerTls | None = None) -> None:
         self.gate = gate
         self.settings = settings
         self.queue = queue
         self.limits = limits or ConnectionLimits(settings.smtp.max_connections,
                                                  settings.smtp.max_connections_per_ip)
+        self.tls = tls
         self.hostname = socket.gethostname() or "localhost"
         self.fronts: set[SmtpFront] = set()
         self.pool: SessionPool[SmtpUpstreamSession] = SessionPool(
@@ -95,9 +97,14 @@ class SmtpService:
 
     # -- the listener --------------------------------------------------------------------
 
-    def _make(self) -> SmtpFront:
+    def _make(self, implicit: bool = False) -> SmtpFront:
+        tls: dict[str, Any] = {}
+        if self.tls is not None and not implicit:  # implicit TLS: nothing to offer or require
+            listener = self.settings.smtp
+            tls = {"tls_context": self.tls.current(listener.tls_min_version),
+                   "tls_required": listener.plain_requires_tls}
         front = SmtpFront(self.settings, self.hostname, self,
-                          self.fronts.discard, self.limits)
+                          self.fronts.discard, self.limits, **tls)
         self.fronts.add(front)
         return front
 
@@ -105,6 +112,14 @@ class SmtpService:
         loop = asyncio.get_running_loop()
         return await loop.create_server(self._make, host, port, backlog=backlog,
                                         reuse_address=True)
+
+    async def start_implicit(self, host: str, port: int, backlog: int) -> asyncio.Server:
+        """The implicit-TLS listener (RFC 8314), the certificate current at each handshake."""
+        assert self.tls is not None
+        loop = asyncio.get_running_loop()
+        context = self.tls.listener_context(self.settings.smtp.tls_min_version)
+        return await loop.create_server(lambda: self._make(implicit=True), host, port,
+                                        backlog=backlog, reuse_address=True, ssl=context)
 
     async def drain(self, grace: float) -> None:
         """Let sessions in progress finish for ``grace`` seconds, then cut them off."""

@@ -96,7 +96,9 @@ ca_file = "{dovecot.ca_file}"
     config.chmod(0o644)
     env_listen = {"MAILPROXY_IMAP__LISTEN": f"127.0.0.1:{imap_port}",
                   "MAILPROXY_POP3__LISTEN": f"127.0.0.1:{free_port()}",
-                  "MAILPROXY_SMTP__LISTEN": f"127.0.0.1:{free_port()}"}
+                  "MAILPROXY_SMTP__LISTEN": f"127.0.0.1:{free_port()}",
+                  **{f"MAILPROXY_{p}__TLS_LISTEN": f"127.0.0.1:{free_port()}"
+                     for p in ("IMAP", "POP3", "SMTP")}}
     rt = token_server.authority.issue_refresh_token(mail_user, TEST_CLIENT_ID)
 
     who = podman_run(image, config, volume, dovecot, "--version")

@@ -36,10 +36,13 @@ state_dir = "{directory / 'state'}"
 {top}
 [imap]
 listen = "127.0.0.1:{free_port()}"
+tls_listen = "127.0.0.1:{free_port()}"
 [pop3]
 listen = "127.0.0.1:{free_port()}"
+tls_listen = "127.0.0.1:{free_port()}"
 [smtp]
 listen = "127.0.0.1:{free_port()}"
+tls_listen = "127.0.0.1:{free_port()}"
 [[accounts]]
 address = "{address}"
 provider = "custom"
@@ -82,7 +85,8 @@ async def running_daemon(config: Path, env: dict[str, str] | None = None
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     daemon = DaemonProcess(proc, listen_port(config))
     try:
-        for _ in range(100):
+        # 30 s: a first start makes the local CA and its keys, slow on a busy machine.
+        for _ in range(300):
             try:
                 client = await daemon.connect()
             except OSError:

@@ -52,9 +52,11 @@ class ProxyHarness:
 
     def settings(self, *accounts: Account, **tokens: Any) -> Settings:
         token_settings = {"retries": 1, **tokens}
-        return Settings(state_dir=self.state_dir, imap=ImapListener(listen="127.0.0.1:0"),
-                        pop3=Pop3Listener(listen="127.0.0.1:0"),
-                        smtp=SmtpListener(listen="127.0.0.1:0"),
+        # Free ports for every listener: the defaults may be taken on a shared machine.
+        return Settings(state_dir=self.state_dir,
+                        imap=ImapListener(listen="127.0.0.1:0", tls_listen="127.0.0.1:0"),
+                        pop3=Pop3Listener(listen="127.0.0.1:0", tls_listen="127.0.0.1:0"),
+                        smtp=SmtpListener(listen="127.0.0.1:0", tls_listen="127.0.0.1:0"),
                         tokens=TokenSettings(**token_settings), accounts=list(accounts),
                         admin=AdminSettings(listen=""))
 

@@ -169,3 +169,56 @@ def test_admin_listen_default_off_and_loopback_only(tmp_path: Path) -> None:
             load_config(write(tmp_path, f'[admin]\nlisten = "{bad}"\n'))
     with pytest.raises(ConfigError, match=r"admin\.listen: expected 'host:port'"):
         load_config(write(tmp_path, '[admin]\nlisten = "8025"\n'))
+
+
+def test_tls_keys_defaults_and_overrides(tmp_path: Path) -> None:
+    settings, _ = load_config(write(tmp_path, ""))
+    assert (settings.imap.tls_listen, settings.pop3.tls_listen, settings.smtp.tls_listen) == (
+        "127.0.0.1:1993", "127.0.0.1:1995", "127.0.0.1:1465")
+    for listener in (settings.imap, settings.pop3, settings.smtp):
+        assert listener.require_tls == "auto" and listener.tls_min_version == "1.2"
+        assert not listener.plain_requires_tls  # loopback
+    assert settings.tls.cert_file is None and settings.tls.names == []
+    ca = tmp_path / "c.pem"
+    ca.write_text("x")
+    settings, _ = load_config(write(tmp_path, f"""
+[tls]
+cert_file = "{ca}"
+names = ["Printer.LAN", "192.168.1.5" , "fe80::1"]
+[imap]
+listen = "0.0.0.0:143"
+tls_listen = ""
+[pop3]
+listen = "[::1]:110"
+require_tls = true
+tls_min_version = "1.0"
+[smtp]
+listen = "192.168.1.2:587"
+require_tls = false
+"""))
+    assert settings.tls.cert_file == ca and settings.tls.key_file is None
+    assert settings.tls.names == ["printer.lan", "192.168.1.5", "fe80::1"]
+    assert settings.imap.tls_listen == "" and settings.imap.plain_requires_tls  # auto, off loopback
+    assert settings.pop3.plain_requires_tls and settings.pop3.tls_min_version == "1.0"
+    assert not settings.smtp.plain_requires_tls
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[imap]\ntls_listen = "nope"\n', "imap.tls_listen: expected 'host:port'"),
+    ('[pop3]\nrequire_tls = "maybe"\n', "pop3.require_tls"),
+    ('[smtp]\ntls_min_version = "1.4"\n', "smtp.tls_min_version: Input should be '1.0'"),
+    ('[tls]\nnames = ["bad name"]\n', "tls.names[0]: expected a host name or an IP address"),
+    ('[tls]\nnames = ["a.lan", "10.0.0.256"]\n', "tls.names[1]: expected a host name"),
+    ('[tls]\ncert_file = "/nonexistent.pem"\n', "file '/nonexistent.pem' does not exist"),
+])
+def test_bad_tls_keys(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert expected in str(info.value)
+
+
+def test_tls_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILPROXY_IMAP__REQUIRE_TLS", "true")
+    monkeypatch.setenv("MAILPROXY_SMTP__TLS_LISTEN", "")
+    settings, _ = load_config(write(tmp_path, ""))
+    assert settings.imap.require_tls is True and settings.smtp.tls_listen == ""

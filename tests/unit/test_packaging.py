@@ -30,6 +30,11 @@ def test_every_listener_is_reachable_from_outside_the_container() -> None:
         assert host == "0.0.0.0" and port in exposed, name
         default_port = getattr(settings, name).listen.rsplit(":", 1)[1]
         assert port == default_port, name  # the documented port, inside and out
+    tls = dict(re.findall(r"MAILPROXY_(\w+?)__TLS_LISTEN=([\d.:]+)", text))
+    for name in LISTENERS:
+        host, port = tls[name.upper()].rsplit(":", 1)
+        assert host == "0.0.0.0" and port in exposed, name
+        assert port == getattr(settings, name).tls_listen.rsplit(":", 1)[1], name
 
 
 def test_systemd_unit_exposure_is_at_most_2() -> None:

@@ -1,0 +1,1 @@
+"""Local TLS: certificates (configured, or a local CA's), server contexts, per-session memory."""
