@@ -304,6 +304,7 @@ async def test_queue_not_in_use_says_so(page: Page) -> None:
     shown = (await page.http.get(page.base + "/queue")).text
     assert "The outbound queue is not in use" in shown
     assert 'delivery = "queue"' in shown
+    assert '<a href="/queue" aria-current="page">Queue</a>' in shown
     page.backend.queue_ = []
     shown = (await page.http.get(page.base + "/queue")).text
     assert "The queue is empty" in shown
@@ -333,7 +334,8 @@ async def test_queue_lists_messages_per_account_and_the_overview_counts_them(
     assert shown.count('name="csrf"') == 1 + 1 + 3  # sign out, retry all, a retry per message
     overview = (await page.http.get(page.base + "/rows")).text
     assert 'href="/queue#queue-alice@example.test">2 queued</a>' in overview
-    assert "oldest 2.0 h ago" in overview and "upstream unreachable" in overview
+    assert "oldest 2.0 h ago" in overview and "last try failed" in overview
+    assert 'title="421 4.4.2 upstream unreachable: connection refused"' in overview
 
 
 async def test_queue_retry_one_and_all_of_an_account(page: Page) -> None:
