@@ -97,6 +97,8 @@ async def _delete(request: web.Request) -> web.Response:
     service = request.app[pages.SERVICE]
     message_id = request.match_info["id"]
     try:
+        if not _ID.fullmatch(message_id):
+            raise AdminError(f"no message {message_id!r} in the queue")
         gone = await service.backend.queue_delete(message_id)
     except AdminError as exc:
         service.note(_NOTE, False, f"nothing was deleted: {exc}")
