@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Account, Settings, parse_hostport
+from ..queue import admin as queue_admin
 from ..tokens.flows import (
     DeviceCode,
     FlowError,
@@ -31,6 +33,7 @@ from .model import (
     Notice,
     PasswordNeed,
     PasswordView,
+    QueuedView,
     SignedIn,
     VaultState,
     free_label,
@@ -38,6 +41,8 @@ from .model import (
 
 if TYPE_CHECKING:
     from ..login import Gate
+    from ..queue.index import Record
+    from ..queue.service import QueueService
     from .service import AdminService
 
 log = logging.getLogger("mailproxy.admin")
@@ -51,6 +56,7 @@ class Daemon(Protocol):
     settings: Settings
     gate: Gate
     started: float
+    queue: QueueService | None
 
     async def status_report(self) -> dict[str, Any]:
         """The control socket's ``status`` answer: one source of truth for both."""
@@ -62,8 +68,8 @@ def admin_service(daemon: Daemon) -> AdminService | None:
     listen = daemon.settings.admin.listen
     if not listen:
         return None
+    from .queueweb import make_app
     from .service import AdminService
-    from .web import make_app
 
     host, port = parse_hostport(listen)
     return AdminService(DaemonBackend(daemon), host, port, app_factory=make_app)
@@ -103,10 +109,59 @@ class DaemonBackend:
     async def accounts(self) -> list[AccountView]:
         report = await self._daemon.status_report()
         views = []
+        now = time.time()
         for account, status in zip(self._settings.accounts, report["accounts"], strict=True):
             exists = await asyncio.to_thread(self._vault.exists, account.key)
-            views.append(_view(account, status, exists))
+            views.append(_view(account, status, exists, now))
         return views
+
+    # -- the outbound queue (``proxy.queue.admin`` on the directory, in a thread) -------------
+
+    async def queue(self) -> list[QueuedView] | None:
+        directory = self._settings.queue_dir
+        if self._daemon.queue is None and not await asyncio.to_thread(
+                (directory / "index.sqlite").exists):
+            return None
+        records = await asyncio.to_thread(queue_admin.list_messages, directory)
+        return [_queued(r) for r in records]
+
+    async def queue_retry(self, message_id: str | None, account: str | None) -> int:
+        directory = self._settings.queue_dir
+
+        def retry() -> tuple[int, set[str]]:
+            records = ([queue_admin.get(directory, message_id)] if message_id is not None
+                       else queue_admin.list_messages(directory))
+            records = [r for r in records if account is None or r.account == account]
+            if message_id is not None and not records:
+                raise queue_admin.NoSuchMessage(message_id)
+            for record in records:
+                queue_admin.retry(directory, record.id)
+            return len(records), {r.account for r in records}
+
+        try:
+            count, accounts = await asyncio.to_thread(retry)
+        except queue_admin.NoSuchMessage as exc:
+            raise AdminError(f"{exc}: delivered or deleted meanwhile") from None
+        except (OSError, sqlite3.Error) as exc:
+            raise AdminError(f"the queue could not be changed: {exc}") from None
+        service = self._daemon.queue
+        if service is not None:  # the worker may sleep up to a minute otherwise
+            for key in accounts:
+                service.wake(key)
+        if count:
+            log.info("admin page: %d queued message(s) made due now", count)
+        return count
+
+    async def queue_delete(self, message_id: str) -> QueuedView:
+        try:
+            record = await asyncio.to_thread(queue_admin.delete, self._settings.queue_dir,
+                                             message_id)
+        except queue_admin.NoSuchMessage as exc:
+            raise AdminError(f"{exc}: delivered or deleted meanwhile") from None
+        except (OSError, sqlite3.Error) as exc:
+            raise AdminError(f"the queue could not be changed: {exc}") from None
+        log.info("admin page: queued message %s of %s deleted", record.id, record.account)
+        return _queued(record)
 
     async def passwords(self, key: str) -> list[PasswordView]:
         account = self._account(key)
@@ -283,13 +338,24 @@ def _number(value: object) -> float | None:
         else None
 
 
-def _view(account: Account, status: dict[str, Any], exists: bool) -> AccountView:
+def _queued(record: Record) -> QueuedView:
+    return QueuedView(
+        id=record.id, account=record.account, sender=record.sender,
+        recipients=tuple(record.recipients), size=record.size, received=record.received,
+        attempts=record.attempts, next_attempt=record.next_attempt,
+        last_error=record.last_error, delivering=record.state == "active",
+        dsn=record.kind == "dsn")
+
+
+def _view(account: Account, status: dict[str, Any], exists: bool, now: float) -> AccountView:
     notices = [Notice(str(k).split(":")[0], float(at))
                for k, at in (status.get("notifications") or {}).items()
                if _number(at) is not None]
     notices += [Notice(str(n["event"]), float(n["at"])) for n in status.get("sent_this_run", [])
                 if n.get("event") not in _PERSISTED_EVENTS]
     notices.sort(key=lambda n: n.at)
+    queue: dict[str, Any] = status.get("queue") or {}
+    oldest_age = _number(queue.get("oldest_age"))
     return AccountView(
         key=account.key, address=account.address, provider=account.provider,
         flow=account.flow, authorized=bool(status.get("authorized")),
@@ -301,4 +367,7 @@ def _view(account: Account, status: dict[str, Any], exists: bool) -> AccountView
         refreshing=bool(status.get("refreshing")), last_result=status.get("last_result"),
         last_error=status.get("last_error"), failures=int(status.get("consecutive_failures") or 0),
         passwords=int(status.get("passwords") or 0),
-        master_key_slot=bool(status.get("master_key_slot")), notices=tuple(notices))
+        master_key_slot=bool(status.get("master_key_slot")), notices=tuple(notices),
+        queued=int(queue.get("queued") or 0),
+        queue_oldest=None if oldest_age is None else now - oldest_age,
+        queue_error=queue.get("last_error"))

@@ -59,10 +59,30 @@ class AccountView:
     passwords: int = 0
     master_key_slot: bool = False
     notices: tuple[Notice, ...] = ()
+    queued: int = 0  # messages in the outbound queue
+    queue_oldest: float | None = None  # when the oldest of them was received
+    queue_error: str | None = None  # the last delivery error
 
     @property
     def app_only(self) -> bool:
         return self.flow in ("client_credentials", "service_account")
+
+
+@dataclass(frozen=True)
+class QueuedView:
+    """One message in the outbound queue."""
+
+    id: str
+    account: str  # the account's key
+    sender: str  # "" for the null sender (a delivery status notification)
+    recipients: tuple[str, ...]
+    size: int
+    received: float
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+    delivering: bool
+    dsn: bool
 
 
 @dataclass(frozen=True)
@@ -121,3 +141,17 @@ class Backend(Protocol):
     async def add_password(self, key: str, label: str, password: str) -> None: ...
 
     async def remove_password(self, key: str, label: str) -> None: ...
+
+    async def queue(self) -> list[QueuedView] | None:
+        """The outbound queue in arrival order; None when this daemon has no queue (none
+        configured and none on disk)."""
+        ...
+
+    async def queue_retry(self, message_id: str | None, account: str | None) -> int:
+        """Make one message (``message_id``) or every message of ``account`` due now and
+        wake the delivery worker; how many there were. AdminError: no such message."""
+        ...
+
+    async def queue_delete(self, message_id: str) -> QueuedView:
+        """Remove a message without sending it (no bounce). AdminError: no such message."""
+        ...

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import json
 import os
 import re
 import shutil
 import signal
+import smtplib
 import subprocess
 import sys
 import time
@@ -265,3 +267,94 @@ def test_client_credentials_test_button(tmp_path: Path, token_server: TokenServe
         assert not page.find_elements(By.CSS_SELECTOR, "code.secret")  # typed, not generated
         assert imap_login(listen_port(config), app_user, "app pw") == "OK"
         assert token_server.authority.requests_for("client_credentials")
+        page.get(f"http://127.0.0.1:{port}/queue")  # no [smtp] delivery = "queue" here
+        assert "The outbound queue is not in use" in page.find_element(By.TAG_NAME, "main").text
+
+
+def smtp_port(config: Path) -> int:
+    text = config.read_text()
+    section = text[text.index("[smtp]"):]
+    line = next(x for x in section.splitlines() if x.startswith("listen"))
+    return int(line.rsplit(":", 1)[1].rstrip('"'))
+
+
+def test_queue_view_retry_and_delete(tmp_path: Path, token_server: TokenServer,
+                                     dovecot: Dovecot, mail_user: str, page: Any) -> None:
+    """A message queued for an upstream that does not answer: listed with its last error,
+    retried at once from the page, deleted after the confirmation page."""
+    from selenium.webdriver.common.by import By
+
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    app_user = f"q-{mail_user}"
+    token_server.authority.register_client("q-admin-client", "q-admin-secret",
+                                           app_only_user=app_user)
+    nobody = free_port()  # nothing listens there: every delivery attempt fails at connect
+    config = write_config(
+        tmp_path, token_server, dovecot, mail_user, admin=f"127.0.0.1:{port}",
+        account=f'\n[[accounts]]\naddress = "{app_user}"\nprovider = "custom"\n'
+                f'client_id = "q-admin-client"\nclient_secret = "q-admin-secret"\n'
+                f'flow = "client_credentials"\ntoken_url = "{token_server.token_url}"\n'
+                f'scopes = ["mail"]\nsmtp_server = "127.0.0.1:{nobody}"\n'
+                f'smtp_tls = "implicit"\nca_file = "{dovecot.ca_file}"\n')
+    config.write_text(config.read_text().replace("[smtp]\n", '[smtp]\ndelivery = "queue"\n'))
+
+    def queue_row() -> Any:
+        page.refresh()
+        rows = page.find_elements(By.CSS_SELECTOR, "table.queue tbody tr")
+        return rows[0] if rows else None
+
+    def cells() -> list[str]:
+        return [td.text for td in queue_row().find_elements(By.TAG_NAME, "td")]
+
+    with daemon(config, port, tmp_path / "daemon.log"):
+        page.get(sign_in_link(config))
+        page.get(f"{base}/accounts/{app_user}")
+        page.find_element(By.ID, "pw").send_keys("app pw")
+        page.find_element(By.CSS_SELECTOR, "#signin button[type=submit]").click()
+        wait_for(lambda: page.find_elements(By.CSS_SELECTOR, ".banner.ok"))
+        page.get(f"{base}/queue")
+        assert "The queue is empty" in page.find_element(By.TAG_NAME, "main").text
+
+        with smtplib.SMTP("127.0.0.1", smtp_port(config), timeout=60) as s:
+            s.login(app_user, "app pw")
+            s.sendmail(app_user, ["bob@example.test", "carol@example.test"],
+                       f"From: {app_user}\r\nTo: bob@example.test\r\nSubject: scan\r\n\r\n"
+                       "page 1\r\n")
+        wait_for(lambda: queue_row() is not None and cells()[3] == "1", 30)
+        received, addresses, size, attempts, due, error, _ = cells()
+        assert re.match(r"(just now|\d+ s ago)\n", received) and attempts == "1"
+        assert app_user in addresses and "bob@example.test, carol@example.test" in addresses
+        assert size.endswith(" B")
+        assert due.startswith("in ")  # backing off
+        assert error and "not tried yet" not in error
+        section = page.find_element(By.CSS_SELECTOR, f'[data-queue-account="{app_user}"]')
+        assert "1 message" in section.text
+        screenshot(page, tmp_path / "queue.png")
+        if NOTES_SCREENSHOT.parent.is_dir() and os.access(NOTES_SCREENSHOT.parent, os.W_OK):
+            shutil.copy(tmp_path / "queue.png", NOTES_SCREENSHOT.parent / "admin_queue.png")
+
+        page.get(base + "/")
+        row = page.find_element(By.CSS_SELECTOR, f'tr[data-account="{app_user}"]')
+        assert "1 queued" in row.text and "oldest" in row.text and "last try failed" in row.text
+        action = row.find_element(By.CSS_SELECTOR, "td.actions a")  # not pushed off screen
+        assert action.rect["x"] + action.rect["width"] <= page.execute_script(
+            "return document.documentElement.clientWidth")
+        screenshot(page, tmp_path / "accounts-queued.png")
+
+        page.get(f"{base}/queue")
+        page.find_element(By.XPATH, "//button[text()='Retry now']").click()
+        assert "will be tried now" in wait_for(
+            lambda: page.find_elements(By.CSS_SELECTOR, ".banner.ok"))[0].text
+        # At once, not after the back-off of a minute: the worker was woken.
+        wait_for(lambda: cells()[3] == "2", 15)
+
+        page.find_element(By.LINK_TEXT, "Delete…").click()
+        assert "Delete this message?" in page.find_element(By.TAG_NAME, "h1").text
+        screenshot(page, tmp_path / "queue-delete.png")
+        page.find_element(By.XPATH, "//button[text()='Delete the message']").click()
+        banner = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, ".banner.ok"))[0]
+        assert "deleted without sending it" in banner.text
+        assert "The queue is empty" in page.find_element(By.TAG_NAME, "main").text
+        listed = mailproxy("queue", "list", "--json", "--config", str(config))
+        assert listed.returncode == 0 and json.loads(listed.stdout) == []

@@ -17,10 +17,12 @@ from proxy.admin.model import (
     DeviceCodeView,
     PasswordNeed,
     PasswordView,
+    QueuedView,
     SignedIn,
 )
+from proxy.admin.queueweb import make_app
 from proxy.admin.service import AdminService
-from proxy.admin.web import COOKIE, make_app
+from proxy.admin.web import COOKIE
 
 ADDRESS = "alice@example.test"
 
@@ -35,6 +37,8 @@ class FakeBackend:
     passwords_: list[PasswordView] = field(default_factory=list)
     codes: list[tuple[str, str, str, str | None]] = field(default_factory=list)
     device_release: asyncio.Event = field(default_factory=asyncio.Event)
+    queue_: list[QueuedView] | None = None  # None: no queue in use
+    retried: list[tuple[str | None, str | None]] = field(default_factory=list)
 
     def clock(self) -> float:
         return self.now
@@ -44,7 +48,12 @@ class FakeBackend:
                             flow="authorization_code", authorized=self.authorized,
                             reason=None if self.authorized else "not authorized yet",
                             vault="open" if self.authorized else "missing",
-                            passwords=len(self.passwords_))]
+                            passwords=len(self.passwords_),
+                            queued=len([m for m in self.queue_ or [] if m.account == ADDRESS]),
+                            queue_oldest=min((m.received for m in self.queue_ or []),
+                                             default=None),
+                            queue_error=next((m.last_error for m in self.queue_ or []
+                                              if m.last_error), None))]
 
 
     async def password_need(self, key: str) -> PasswordNeed:
@@ -80,6 +89,24 @@ class FakeBackend:
 
     async def remove_password(self, key: str, label: str) -> None:
         self.passwords_ = [p for p in self.passwords_ if p.label != label]
+
+    async def queue(self) -> list[QueuedView] | None:
+        return None if self.queue_ is None else list(self.queue_)
+
+    async def queue_retry(self, message_id: str | None, account: str | None) -> int:
+        hits = [m for m in self.queue_ or [] if m.id == message_id or m.account == account]
+        if message_id is not None and not hits:
+            raise AdminError(f"no message {message_id!r} in the queue")
+        self.retried.append((message_id, account))
+        return len(hits)
+
+    async def queue_delete(self, message_id: str) -> QueuedView:
+        for m in self.queue_ or []:
+            if m.id == message_id:
+                assert self.queue_ is not None
+                self.queue_.remove(m)
+                return m
+        raise AdminError(f"no message {message_id!r} in the queue")
 
 
 @dataclass
@@ -260,3 +287,96 @@ async def test_device_sign_in_state(page: Page) -> None:
         await asyncio.sleep(0.01)
     assert state == {"state": "approved", "message": f"{ADDRESS} is authorized",
                      "expires_in": 600, "user_code": "BCDF-GHJK"}
+
+
+def queued(id_: str, account: str = ADDRESS, **kw: object) -> QueuedView:
+    fields: dict[str, object] = dict(
+        id=id_, account=account, sender=account, recipients=("bob@example.test",), size=12_345,
+        received=1_000_000.0 - 7200, attempts=3, next_attempt=1_000_000.0 + 300,
+        last_error="421 4.4.2 upstream unreachable: connection refused", delivering=False,
+        dsn=False)
+    fields.update(kw)
+    return QueuedView(**fields)  # type: ignore[arg-type]
+
+
+async def test_queue_not_in_use_says_so(page: Page) -> None:
+    await page.sign_in()
+    shown = (await page.http.get(page.base + "/queue")).text
+    assert "The outbound queue is not in use" in shown
+    assert 'delivery = "queue"' in shown
+    assert '<a href="/queue" aria-current="page">Queue</a>' in shown
+    page.backend.queue_ = []
+    shown = (await page.http.get(page.base + "/queue")).text
+    assert "The queue is empty" in shown
+
+
+async def test_queue_lists_messages_per_account_and_the_overview_counts_them(
+        page: Page) -> None:
+    await page.sign_in()
+    page.backend.queue_ = [queued("m1"), queued("m2", attempts=0, last_error=None,
+                                                 next_attempt=999_000.0, size=900),
+                           queued("m3", account="gone@example.test", delivering=True,
+                                  sender="")]
+    shown = (await page.http.get(page.base + "/queue")).text
+    assert "3 messages waiting" in shown
+    mine = shown[shown.index(f'data-queue-account="{ADDRESS}"'):
+                 shown.index('data-queue-account="gone@example.test"')]
+    assert "2 messages" in mine and "Retry all 2 now" in mine
+    m1 = mine[mine.index('data-message="m1"'):mine.index('data-message="m2"')]
+    assert "2.0 h ago" in m1 and "12.3 kB" in m1 and "bob@example.test" in m1
+    assert ">3<" in m1 and "in 5 min" in m1
+    assert "421 4.4.2 upstream unreachable: connection refused" in m1
+    m2 = mine[mine.index('data-message="m2"'):]
+    assert "due now" in m2 and "not tried yet" in m2 and "900 B" in m2
+    gone = shown[shown.index('data-queue-account="gone@example.test"'):]
+    assert "Delivering now" in gone and "null sender" in gone
+    assert "Retry all" not in gone  # one message: its own button does
+    assert shown.count('name="csrf"') == 1 + 1 + 3  # sign out, retry all, a retry per message
+    overview = (await page.http.get(page.base + "/rows")).text
+    assert 'href="/queue#queue-alice@example.test">2 queued</a>' in overview
+    assert "oldest 2.0 h ago" in overview and "last try failed" in overview
+    assert 'title="421 4.4.2 upstream unreachable: connection refused"' in overview
+
+
+async def test_queue_retry_one_and_all_of_an_account(page: Page) -> None:
+    csrf = await page.sign_in()
+    page.backend.queue_ = [queued("m1"), queued("m2")]
+    url = page.base + "/queue/retry"
+    assert (await page.http.post(url, data={"id": "m1"})).status_code == 403  # no CSRF token
+    assert page.backend.retried == []
+    answer = await page.http.post(url, data={"id": "m1", "csrf": csrf})
+    assert answer.status_code == 303 and answer.headers["location"] == "/queue"
+    assert "message m1 will be tried now" in (await page.http.get(page.base + "/queue")).text
+    await page.http.post(url, data={"account": ADDRESS, "csrf": csrf})
+    assert "2 messages of alice@example.test will be tried now" in (
+        await page.http.get(page.base + "/queue")).text
+    await page.http.post(url, data={"id": "nope", "csrf": csrf})
+    shown = (await page.http.get(page.base + "/queue")).text
+    assert "nothing was retried: no message &#39;nope&#39; in the queue" in shown
+    assert page.backend.retried == [("m1", None), (None, ADDRESS)]
+    assert "will be tried now" not in (await page.http.get(page.base + "/queue")).text
+
+
+async def test_queue_delete_asks_first_then_deletes_with_the_token(page: Page) -> None:
+    csrf = await page.sign_in()
+    page.backend.queue_ = [queued("m1"), queued("m2")]
+    confirm = await page.http.get(page.base + "/queue/m1/delete")
+    assert confirm.status_code == 200 and "Delete this message?" in confirm.text
+    assert "bob@example.test" in confirm.text and "gets no bounce" in confirm.text
+    assert 'action="/queue/m1/delete"' in confirm.text and csrf_of(confirm.text) == csrf
+    assert [m.id for m in page.backend.queue_] == ["m1", "m2"]  # looking deletes nothing
+    url = page.base + "/queue/m1/delete"
+    assert (await page.http.post(url, data={"csrf": "wrong"})).status_code == 403
+    assert [m.id for m in page.backend.queue_] == ["m1", "m2"]
+    answer = await page.http.post(url, data={"csrf": csrf})
+    assert answer.status_code == 303 and answer.headers["location"] == "/queue"
+    assert [m.id for m in page.backend.queue_] == ["m2"]
+    shown = (await page.http.get(page.base + "/queue")).text
+    assert "message m1 (alice@example.test → bob@example.test) deleted" in shown
+    again = await page.http.get(page.base + "/queue/m1/delete")
+    assert again.status_code == 404 and "no longer queued" in again.text
+    await page.http.post(url, data={"csrf": csrf})
+    assert "nothing was deleted" in (await page.http.get(page.base + "/queue")).text
+    for path in ("/queue", "/queue/m2/delete"):
+        page.http.cookies.clear()
+        assert (await page.http.get(page.base + path)).status_code == 401
