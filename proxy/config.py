@@ -138,13 +138,19 @@ class _Strict(BaseModel):
 
 
 class _TlsListener(_Strict):
-    """What the three listener tables share about local TLS."""
+    """What the three listener tables share: local TLS, the login deadline, connection limits."""
 
     listen: HostPort
     tls_listen: OptionalHostPort
     require_tls: RequireTls = "auto"
     # Oldest TLS version accepted on this protocol's listeners; "1.0"/"1.1" for old devices.
     tls_min_version: TlsVersion = "1.2"
+    # The whole time a client has to log in (seconds; commands such as NOOP do not extend it).
+    login_timeout: float = Field(default=60.0, gt=0)
+    # Open connections at once, in all and from one client address (0: no limit); one more
+    # is refused with a protocol reply and closed.
+    max_connections: int = Field(default=1000, ge=0)
+    max_connections_per_ip: int = Field(default=512, ge=0)
 
     @property
     def plain_requires_tls(self) -> bool:
@@ -160,11 +166,6 @@ class ImapListener(_TlsListener):
     # Before login: longest command line and literal a client may send, and how long it may idle.
     max_line: int = Field(default=8192, ge=512)
     max_literal: int = Field(default=8192, ge=64)
-    login_timeout: float = Field(default=60.0, gt=0)
-    # Open connections at once, in all and from one client address (0: no limit); one more
-    # is refused with a protocol reply and closed.
-    max_connections: int = Field(default=1000, ge=0)
-    max_connections_per_ip: int = Field(default=512, ge=0)
     # A logged-in client that reads none of what the server sends for this long is cut off.
     stall_timeout: float = Field(default=60.0, gt=0)
 
@@ -173,9 +174,6 @@ class Pop3Listener(_TlsListener):
     # POP3 lines are limited by the protocol (255 octets), so there is nothing else to set.
     listen: HostPort = "127.0.0.1:1110"
     tls_listen: OptionalHostPort = "127.0.0.1:1995"
-    login_timeout: float = Field(default=60.0, gt=0)
-    max_connections: int = Field(default=1000, ge=0)
-    max_connections_per_ip: int = Field(default=512, ge=0)
     stall_timeout: float = Field(default=60.0, gt=0)
 
 
@@ -198,10 +196,6 @@ class SmtpListener(_TlsListener):
     # Relay: a logged-in upstream session is kept this many seconds after its client left,
     # for the account's next client (one login for many one-message connections); 0: off.
     upstream_pool_idle: float = Field(default=60.0, ge=0)
-    # The whole time a client has to log in (commands do not extend it), and connection limits.
-    login_timeout: float = Field(default=60.0, gt=0)
-    max_connections: int = Field(default=1000, ge=0)
-    max_connections_per_ip: int = Field(default=512, ge=0)
 
 
 class QueueSettings(_Strict):

@@ -25,7 +25,7 @@ from ..tokens.flows import (
     exchange_code,
 )
 from ..vault import PasswordNeeded, VaultError
-from ..vault.policy import store_grant
+from ..vault.policy import grant_fields, store_grant
 from .model import (
     AccountView,
     AdminError,
@@ -259,12 +259,8 @@ class DaemonBackend:
         (``proxy.vault.policy``), then the token manager picks it up and refreshes from now
         on."""
         now = time.time()
-        fields: dict[str, Any] = {
-            "access_token": grant.access_token, "expires_at": grant.expires_at,
-            "needs_authorization": None, "last_error": None, "authorized_at": now,
-            "last_refresh": now if grant.access_token else None}
-        if account.flow in ("authorization_code", "device_code"):
-            fields["refresh_token"] = grant.refresh_token
+        fields = grant_fields(account.flow, grant.access_token, grant.expires_at,
+                              grant.refresh_token, now)
         try:
             replaced = await asyncio.to_thread(self._store_blocking, account, password, fields)
         except VaultError as exc:

@@ -11,11 +11,11 @@ import secrets
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from ..config import Account, Settings
 from ..tokens import flows
 from ..tokens.store import ensure_private_dir, safe_name
+from ..vault.policy import grant_fields
 from .common import (
     EXIT_OK,
     EXIT_USAGE,
@@ -88,12 +88,8 @@ async def authorize(settings: Settings, account: Account, args: argparse.Namespa
             password = need(read(f"Local password for {account.address} (clients log in "
                                  "with it): ", confirm=True))
         now = time.time()
-        fields: dict[str, Any] = {
-            "access_token": grant.access_token, "expires_at": grant.expires_at,
-            "needs_authorization": None, "last_error": None, "authorized_at": now,
-            "last_refresh": now if grant.access_token else None}
-        if account.flow in ("authorization_code", "device_code"):
-            fields["refresh_token"] = grant.refresh_token
+        fields = grant_fields(account.flow, grant.access_token, grant.expires_at,
+                              grant.refresh_token, now)
         if vault.exists(account.key) and not vault.has_master_key and not args.replace \
                 and not vault.open_with_password(account.key, password):
             # A new vault would lock out every device with another password of this one.

@@ -14,6 +14,18 @@ from .migrate import legacy_state
 from .vault import Vault
 
 
+def grant_fields(flow: str, access_token: str | None, expires_at: float | None,
+                 refresh_token: str | None, now: float) -> dict[str, Any]:
+    """The token state a fresh sign-in leaves (``authorize`` and the admin page alike): the
+    refresh token only for the user flows, any earlier failure cleared."""
+    fields: dict[str, Any] = {
+        "access_token": access_token, "expires_at": expires_at, "needs_authorization": None,
+        "last_error": None, "authorized_at": now, "last_refresh": now if access_token else None}
+    if flow in ("authorization_code", "device_code"):
+        fields["refresh_token"] = refresh_token
+    return fields
+
+
 def store_grant(vault: Vault, account_key: str, password: str | None,
                 fields: dict[str, Any]) -> list[SlotInfo]:
     """Put new tokens (``fields`` of ``TokenState``) in the account's vault, opening it with

@@ -17,10 +17,9 @@ import pytest
 from proxy.config import Settings
 from tests.integration.conftest import _require
 from tests.integration.test_local_tls import run_tool, trust
-from tests.integration.test_smtp_proxy import (  # noqa: F401 (postfix: a fixture)
+from tests.integration.test_smtp_proxy import (
     SmtpHarness,
     message,
-    postfix,
     same_message,
     wait_delivered,
 )
@@ -33,7 +32,7 @@ PASSWORD = "plain ascii pw"
 
 @pytest.fixture
 def harness(tmp_path: Path, token_server: TokenServer, dovecot: Dovecot,
-            postfix: Postfix) -> SmtpHarness:  # noqa: F811
+            postfix: Postfix) -> SmtpHarness:
     postfix.ensure_running()
     h = SmtpHarness(tmp_path / "state", token_server, dovecot)
     h.postfix = postfix

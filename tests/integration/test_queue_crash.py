@@ -20,14 +20,12 @@ import pytest
 from proxy.tokens.store import TokenState
 from proxy.vault import Vault
 from tests.integration.test_queue_smtp import send
-from tests.integration.test_smtp_proxy import delivered, postfix  # noqa: F401
+from tests.integration.test_smtp_proxy import delivered
 from tests.support.clirun import ROOT, listen_port, write_config
 from tests.support.dovecot import Dovecot
 from tests.support.postfix import Postfix
 from tests.support.proxyrun import LOCAL_PASSWORD
 from tests.support.tokenserver import TEST_CLIENT_ID, TokenServer
-
-# ruff: noqa: F811
 
 MASTER_KEY = "crash test master key, 32 bytes long"
 # As many kill rounds as fit in this time (CI: about two minutes).

@@ -28,7 +28,6 @@ from tests.integration.test_smtp_proxy import (  # noqa: F401  (fixtures)
     delivered,
     harness,
     message,
-    postfix,
     same_message,
     wait_delivered,
 )

@@ -22,7 +22,6 @@ from tests.integration.test_smtp_proxy import (  # noqa: F401  (fixtures)
     harness,
     message,
     plain,
-    postfix,
     same_message,
     wait_delivered,
 )
