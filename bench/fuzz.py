@@ -87,9 +87,10 @@ class Daemon:
     def start(self) -> None:
         dead = self._dead.getsockname()[1]
         lines = [f'state_dir = "{self.tmp / "state"}"', 'log_level = "info"',
-                 "[tokens]", "retries = 0", "request_timeout = 5"]
+                 "[admin]", 'listen = ""', "[tokens]", "retries = 0", "request_timeout = 5"]
         for name in PROTOCOLS:
-            lines += [f"[{name}]", f'listen = "127.0.0.1:{self.ports[name]}"']
+            # No TLS listener: their default ports may be taken on a shared machine.
+            lines += [f"[{name}]", f'listen = "127.0.0.1:{self.ports[name]}"', 'tls_listen = ""']
             lines += [f"{k} = {v}" for k, v in self._options.get(name, {}).items()]
         lines += ["[[accounts]]", f'address = "{USER}"', 'provider = "custom"',
                   'client_id = "fuzz"', f'token_url = "http://127.0.0.1:{dead}/token"',

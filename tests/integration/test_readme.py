@@ -48,7 +48,8 @@ def test_readme_first_command_installs_and_runs(tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
            "MAILPROXY_STATE_DIR": str(tmp_path / "state"),
            **{f"MAILPROXY_{p}__LISTEN": f"127.0.0.1:{port}" for p, port in ports.items()},
-           **{f"MAILPROXY_{p}__TLS_LISTEN": f"127.0.0.1:{free_port()}" for p in ports}}
+           **{f"MAILPROXY_{p}__TLS_LISTEN": f"127.0.0.1:{free_port()}" for p in ports},
+           "MAILPROXY_ADMIN__LISTEN": f"127.0.0.1:{free_port()}"}
     env.pop("VIRTUAL_ENV", None)
     proc = subprocess.Popen(["bash", "-c", readme_commands()[0]], cwd=project, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
