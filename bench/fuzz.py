@@ -87,7 +87,11 @@ class Daemon:
     def start(self) -> None:
         dead = self._dead.getsockname()[1]
         lines = [f'state_dir = "{self.tmp / "state"}"', 'log_level = "info"',
-                 "[admin]", 'listen = ""', "[tokens]", "retries = 0", "request_timeout = 5"]
+                 "[admin]", 'listen = ""', "[tokens]", "retries = 0", "request_timeout = 5",
+                 # The guessing penalty would throttle the fuzzer's wrong logins to one every
+                 # 15 s from its one address: off, so the login paths get their share of input.
+                 "[auth]", "failure_delay = 0", "max_failures_per_ip = 1000000000",
+                 "max_failures_per_account = 1000000000"]
         for name in PROTOCOLS:
             # No TLS listener: their default ports may be taken on a shared machine.
             lines += [f"[{name}]", f'listen = "127.0.0.1:{self.ports[name]}"', 'tls_listen = ""']

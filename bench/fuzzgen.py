@@ -3,6 +3,10 @@ sessions, and mutations of them (split at random points, oversized, non-UTF-8, N
 bytes, bare CR or LF, interleaved IMAP literals).
 
 Everything comes from one ``random.Random``, so a seed gives the same inputs again.
+
+No input starts TLS for real (STARTTLS/STLS only with arguments or misspelt): after an
+accepted STARTTLS the bytes are a TLS handshake, not commands, and the checks here read plain
+text; the upgrade and its injection defence are tested in tests/integration/test_local_tls*.py.
 """
 
 from __future__ import annotations
@@ -35,21 +39,21 @@ _SESSIONS: dict[str, list[bytes]] = {
         b"1.1 CAPABILITY\r\n1.2 ID (\"name\" \"iPhone Mail\" \"os\" \"iOS\")\r\n"
         b"2.1 LOGIN {{{ULEN}}}\r\n{USER} {{{PLEN}}}\r\n{PASS}\r\n",
         b"1 LOGIN {{{ULEN}+}}\r\n{USER} {{{PLEN}+}}\r\n{PASS}\r\n",
-        b"x STARTTLS\r\ny NOOP\r\nz LOGOUT\r\n",
+        b"x STARTTLS now\r\ny NOOP\r\nz LOGOUT\r\n",
         b"1 ID (\"name\" \"imaptest\" \"x-a\" \"{BIG}\" \"x-b\" \"{BIG}\")\r\n",
     ],
     "pop3": [
         b"CAPA\r\nUSER {USER}\r\nPASS {PASS}\r\n",
         b"CAPA\r\nAUTH PLAIN\r\n{PLAIN}\r\n",
         b"AUTH\r\nAUTH PLAIN {PLAIN}\r\n",
-        b"STLS\r\nCAPA\r\nQUIT\r\n",
+        b"XSTLS\r\nCAPA\r\nQUIT\r\n",
         b"USER {USER}\r\nPASS {PASS}\r\nSTAT\r\nLIST\r\nUIDL\r\nRETR 1\r\n",
         b"APOP {USER} c4c9334bac560ecc979e58001b3e22fb\r\n",
     ],
     "smtp": [
         b"EHLO [127.0.0.1]\r\nAUTH PLAIN {PLAIN}\r\n",
         b"EHLO client.example\r\nAUTH LOGIN\r\n{B64USER}\r\n{B64PASS}\r\n",
-        b"EHLO localhost\r\nSTARTTLS\r\nEHLO localhost\r\n",
+        b"EHLO localhost\r\nSTARTTLS x\r\nEHLO localhost\r\n",
         b"HELO relay.example\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\n"
         b"DATA\r\n",
         b"EHLO x\r\nMAIL FROM:<a@example.test> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=x\r\n"
@@ -168,7 +172,7 @@ class Inputs:
             response = rng.choice((blob, b"*", b"=", b"!!", blob + b"x"))
             return tag + b" AUTHENTICATE " + mech + b"\r\n" + response + b"\r\n"
         if r < 0.66:
-            return tag + rng.choice((b" STARTTLS", b" LOGOUT" if rng.random() < 0.1 else
+            return tag + rng.choice((b" STARTTLS x", b" LOGOUT" if rng.random() < 0.1 else
                                      b" STARTTLS now")) + b"\r\n"
         if r < 0.8:
             verb = rng.choice((b"SELECT INBOX", b"FETCH 1:* (FLAGS)", b"LIST \"\" *",
@@ -202,7 +206,7 @@ class Inputs:
         if r < 0.55:
             return b"AUTH\r\n"
         if r < 0.72:
-            return rng.choice((b"STLS", b"APOP a b", b"STAT", b"LIST", b"RETR 1", b"TOP 1 0",
+            return rng.choice((b"XSTLS", b"APOP a b", b"STAT", b"LIST", b"RETR 1", b"TOP 1 0",
                                b"NOOP", b"RSET", b"UIDL", b"XTND", b"QUIT" if rng.random() < 0.1
                                else b"NOOP", b"", b"USER")) + b"\r\n"
         if r < 0.85:
@@ -242,7 +246,7 @@ class Inputs:
                     b"\r\n")
         if r < 0.72:
             return rng.choice((b"DATA", b"RSET", b"NOOP", b"NOOP x", b"VRFY a", b"EXPN list",
-                               b"HELP", b"HELP DATA", b"STARTTLS", b"BDAT 10 LAST",
+                               b"HELP", b"HELP DATA", b"STARTTLS x", b"BDAT 10 LAST",
                                b"QUIT" if rng.random() < 0.1 else b"NOOP", b"AUTH",
                                b"AUTH CRAM-MD5", b"AUTH XOAUTH2 x")) + b"\r\n"
         if r < 0.85:
