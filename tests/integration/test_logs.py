@@ -26,7 +26,7 @@ LOCAL_PW = "local pw 1"
 
 def _ports(config: Path) -> dict[str, int]:
     ports = [int(x.rsplit(":", 1)[1].rstrip('"')) for x in config.read_text().splitlines()
-             if x.startswith("listen")]
+             if x.startswith('listen = "127.')]
     return dict(zip(("imap", "pop3", "smtp"), ports, strict=True))
 
 
@@ -94,7 +94,7 @@ def _fail2ban_matches(log: str, tmp_path: Path) -> list[str]:
     total = re.search(r"^Failregex: (\d+) total", done.stdout, re.MULTILINE)
     assert total is not None, done.stdout
     section = done.stdout.split("|- Matched line(s):", 1)[1].split("`-", 1)[0]
-    matched = [line for line in section.splitlines() if "login refused" in line]
+    matched = [line for line in section.splitlines() if " refused for " in line]
     assert int(total.group(1)) == len(matched), done.stdout
     return matched
 

@@ -31,7 +31,8 @@ from tests.support.proxyrun import LOCAL_PASSWORD
 # Postfix fixtures live in test_smtp_proxy.py; imported, their names are parameters here.
 # ruff: noqa: F811
 
-MASTER_KEY = "queue test master key, 32 bytes!"
+# base64 of 32 random bytes: a text key that short or guessable is refused.
+MASTER_KEY = "q8WZ3f0mJ6bZpQyT1vR2xN4cL7eA9sD5gH0kU3wYz6I="
 
 
 def stuff(data: bytes) -> bytes:
