@@ -137,6 +137,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def existing_file(value: Path | None) -> Path | None:
+    """A configured file, ``~`` expanded; it must exist."""
+    if value is None:
+        return None
+    value = value.expanduser()
+    if not value.is_file():
+        raise ValueError(f"file {str(value)!r} does not exist")
+    return value
+
+
 class _TlsListener(_Strict):
     """What the three listener tables share: local TLS, the login deadline, connection limits."""
 
@@ -297,12 +307,7 @@ class TlsSettings(_Strict):
     @field_validator("cert_file", "key_file")
     @classmethod
     def _existing_file(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        value = value.expanduser()
-        if not value.is_file():
-            raise ValueError(f"file {str(value)!r} does not exist")
-        return value
+        return existing_file(value)
 
     @model_validator(mode="after")
     def _pair(self) -> TlsSettings:
@@ -460,12 +465,7 @@ class Account(_Strict):
                      "service_account_file")
     @classmethod
     def _existing_file(cls, value: Path | None) -> Path | None:
-        if value is None:
-            return None
-        value = value.expanduser()
-        if not value.is_file():
-            raise ValueError(f"file {str(value)!r} does not exist")
-        return value
+        return existing_file(value)
 
     @field_validator("redirect_uri")
     @classmethod
