@@ -20,7 +20,7 @@ from proxy.vault import Vault
 from tests.support.clirun import ROOT
 from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
 
-KILLS = 25
+KILLS = 50
 PASSWORD = "crash test pw"
 
 
@@ -52,32 +52,38 @@ def test_sigkill_during_rotating_refreshes(tmp_path: Path, token_server: TokenSe
     rng = random.Random(int.from_bytes(os.urandom(4)))
     seen = {first}
     refreshes = 0
-    for _ in range(KILLS):
-        proc = subprocess.Popen(
+    errors = tmp_path / "refresher.err"
+    with errors.open("w") as err:
+        server = subprocess.Popen(
             [sys.executable, "-m", "tests.support.refresher", str(state),
              token_server.token_url, mail_user], cwd=ROOT, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(PASSWORD + "\n")
-        proc.stdin.close()
-        assert proc.stdout.readline() == "ready\n", proc.stderr.read() if proc.stderr else ""
-        # Wait for the first refresh (0.3-0.5 s after "ready" on a busy machine), then kill
-        # somewhere in the middle of a later refresh cycle.
-        assert proc.stdout.readline() == "refreshed\n", proc.stderr.read() if proc.stderr else ""
-        refreshes += 1
-        time.sleep(rng.uniform(0.0, 0.25))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        assert proc.returncode == -signal.SIGKILL
-        out = proc.stdout.read()
-        err = proc.stderr.read() if proc.stderr else ""
-        proc.stdout.close()
-        if proc.stderr:
-            proc.stderr.close()
-        refreshes += out.count("refreshed")
-        assert "Traceback" not in err, err
-        stored = check_vault(state, mail_user)
-        seen.add(stored)
+            stdout=subprocess.PIPE, stderr=err, text=True)
+    assert server.stdin is not None and server.stdout is not None
+    try:
+        server.stdin.write(PASSWORD + "\n")
+        server.stdin.flush()
+        assert server.stdout.readline() == "open\n", errors.read_text()
+        for _ in range(KILLS):
+            server.stdin.write("go\n")
+            server.stdin.flush()
+            first = server.stdout.readline()
+            assert first.startswith("child "), first + errors.read_text()
+            child = int(first.split()[1])
+            assert server.stdout.readline() == "ready\n", errors.read_text()
+            # Wait for the first refresh, then kill somewhere in a later refresh cycle.
+            assert server.stdout.readline() == "refreshed\n", errors.read_text()
+            refreshes += 1
+            time.sleep(rng.uniform(0.0, 0.25))
+            os.kill(child, signal.SIGKILL)
+            while (line := server.stdout.readline()) == "refreshed\n":
+                refreshes += 1
+            assert line == f"reaped {child} {signal.SIGKILL}\n", line + errors.read_text()
+            assert "Traceback" not in errors.read_text(), errors.read_text()
+            stored = check_vault(state, mail_user)
+            seen.add(stored)
+    finally:
+        server.stdin.close()
+        server.wait(timeout=10)
     print(f"{KILLS} kills, {refreshes} refreshes, {len(seen)} distinct stored tokens")
     assert len(seen) > KILLS // 2  # the stored token moved on between kills
     # The proxy starts again with a refresh token that works.
