@@ -112,8 +112,8 @@ async def test_metrics_read_the_queue_from_memory(tmp_path: Path,
                 await spool.add(ACCOUNT.key, "s@example.com", ["r@example.net"], b"S: x\r\n")
             # A message of an account since removed from the configuration: under its key.
             await spool.add("gone@example.com", "", ["r@example.net"], b"S: x\r\n")
-            await _until(lambda: queued(ACCOUNT.address) == 2)
-            assert queued("gone@example.com") == 1
+            await _until(lambda: queued(ACCOUNT.address) == 2
+                         and queued("gone@example.com") == 1)
             age = oldest()
             assert age is not None and 100 <= age < 200
             server.waiting = None
