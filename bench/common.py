@@ -1,8 +1,10 @@
 """What the benchmarks share: the proxy run as its own process through its CLI, /proc
-readings of CPU time, and the run itself (start, measure, report, always clean up)."""
+readings of CPU time, concurrent senders timed together, rounds with the paths in alternating
+order, and the run itself (start, measure, report, always clean up)."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import json
@@ -11,17 +13,22 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+M = TypeVar("M")
+S = TypeVar("S")
 
 
 def progress(msg: str) -> None:
@@ -178,3 +185,126 @@ def launch_proxy(tmp: Path, protocol: str, port: int, user: str, password: str,
     refresh_token = token_server.authority.issue_refresh_token(user, TEST_CLIENT_ID)
     return start_proxy(config, tmp / "proxy.log", port, user,
                        {"password": password, "refresh_token": refresh_token})
+
+
+# ------------------------------------------------------------------ senders and rounds
+
+
+SMALL = 10_000  # bytes of a "10 KB" message (MB = 10^6 bytes)
+LARGE = 1_000_000
+
+
+@dataclass
+class Case:
+    """``count`` messages of ``size`` bytes, shared by ``senders`` concurrent senders."""
+
+    name: str
+    size: int
+    count: int
+    senders: int
+
+
+def case_arguments(parser: argparse.ArgumentParser, *, small: int, large: int,
+                   rounds: int) -> None:
+    """The SMTP benchmarks' options: how many messages of each size, senders, rounds, and
+    --keep, --json."""
+    parser.add_argument("--small", type=int, default=small, help="10 KB messages per sample")
+    parser.add_argument("--large", type=int, default=large, help="1 MB messages per sample")
+    parser.add_argument("--senders", type=int, default=10, help="concurrent senders")
+    parser.add_argument("--rounds", type=int, default=rounds,
+                        help="timed rounds per case and path")
+    parser.add_argument("--keep", action="store_true",
+                        help="pause before cleaning up (prints the temporary directory)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON only")
+
+
+def cases_of(parser: argparse.ArgumentParser, args: argparse.Namespace, *,
+             large_senders: bool) -> list[Case]:
+    """10 KB from one sender and from --senders, 1 MB from one (``large_senders``: and from
+    --senders too)."""
+    if min(args.small, args.large, args.senders, args.rounds) < 1:
+        parser.error("--small, --large, --senders, --rounds must be >= 1")
+    cases = [Case("10 KB x1 sender", SMALL, args.small, 1),
+             Case(f"10 KB x{args.senders} senders", SMALL, args.small, args.senders),
+             Case("1 MB x1 sender", LARGE, args.large, 1)]
+    if large_senders:
+        cases.append(Case(f"1 MB x{args.senders} senders", LARGE, args.large, args.senders))
+    return cases
+
+
+def shares(count: int, senders: int) -> list[int]:
+    """``count`` split over ``senders`` as evenly as it goes."""
+    return [count // senders + (1 if i < count % senders else 0) for i in range(senders)]
+
+
+@dataclass
+class SenderRun(Generic[M]):
+    start: float  # perf_counter when the senders were let go
+    end: float  # when the last of them finished
+    before: M  # meter() as they were let go
+    after: M  # meter() once all had finished
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+def run_senders(count: int, senders: int, prepare: Callable[[int], Callable[[], None]],
+                meter: Callable[[], M], timeout: float, label: str) -> SenderRun[M]:
+    """``count`` messages over ``senders`` threads, timed together. Each thread calls
+    ``prepare(its share)`` untimed (a login, say) and waits for the others; then all run what
+    ``prepare`` returned at once, and the timer runs until the last one is done. ``meter`` is
+    read as they start and after (CPU counters). Raises the first error of a thread."""
+    errors: list[BaseException] = []
+    done_at: list[float] = []
+    barrier = threading.Barrier(senders + 1, timeout=timeout)
+    lock = threading.Lock()
+
+    def sender(n: int) -> None:
+        try:
+            work = prepare(n)
+            barrier.wait()
+            work()
+            with lock:
+                done_at.append(time.perf_counter())
+        except BaseException as exc:  # reported by the main thread
+            with lock:
+                errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=sender, args=(n,), daemon=True)
+               for n in shares(count, senders)]
+    for t in threads:
+        t.start()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        barrier.wait()
+    before = meter()
+    start = time.perf_counter()
+    deadline = time.monotonic() + 5 * timeout
+    for t in threads:
+        while t.is_alive():
+            t.join(0.2)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{label}: senders still running after {5 * timeout:.0f} s")
+    after = meter()
+    if errors:
+        raise RuntimeError(f"{label}: {errors[0]!r}") from errors[0]
+    return SenderRun(start, max(done_at), before, after)
+
+
+def sample_rounds(case: Case, paths: Sequence[str], rounds: int,
+                  sample: Callable[[str, int], S], rate: Callable[[S], float]
+                  ) -> dict[str, list[S]]:
+    """An untimed warm-up of every path (a few messages), then ``rounds`` rounds of every
+    path in alternating order (neither always runs right after the other);
+    ``sample(path, messages)`` takes one sample, ``rate`` says its msg/s for the progress."""
+    progress(f"{case.name}: warm-up")
+    for path in paths:
+        sample(path, min(case.count, 2 * case.senders))
+    out: dict[str, list[S]] = {path: [] for path in paths}
+    for r in range(rounds):
+        for path in (paths if r % 2 == 0 else tuple(reversed(paths))):
+            out[path].append(sample(path, case.count))
+        progress(f"{case.name} round {r + 1}/{rounds}: " + ", ".join(
+            f"{path} {rate(out[path][-1]):.1f} msg/s" for path in paths))
+    return out

@@ -18,6 +18,10 @@ token from the test authority) to Postfix's port 587. For the queue, the end-to-
 rate is also measured: from the first message accepted to the proxy's queue empty (every
 message accepted by Postfix).
 
+Printed per case (10 KB from 1 and from ``--senders`` senders, 1 MB from one): every path's
+msg/s and its ratio to direct; the queue's acceptance against relay mode with and without
+the pool; the pool against no pool; the queue's end-to-end rate and its ratio to direct.
+
 Goals (issue 14): queue acceptance >= 0.8 x direct; pool >= 1.0 x direct for 10 KB messages
 and >= 0.9 x direct for 1 MB.
 """
@@ -25,17 +29,27 @@ and >= 0.9 x direct for 1 MB.
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import random
 import statistics
 import sys
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from common import launch_proxy, machine_busy, progress, run, stop_proxy
+from common import (
+    LARGE,
+    Case,
+    case_arguments,
+    cases_of,
+    launch_proxy,
+    machine_busy,
+    run,
+    run_senders,
+    sample_rounds,
+    stop_proxy,
+)
 from smtp_bench import (
     LOCAL_PASSWORD,
     TIMEOUT,
@@ -47,8 +61,6 @@ from smtp_bench import (
 
 from tests.support.dovecot import free_port
 
-SMALL = 10_000
-LARGE = 1_000_000
 PROXIES = ("relay", "pool", "queue")
 PATHS = ("direct", *PROXIES)
 GOALS = {"queue": 0.8, "pool": 1.0, "relay": None}
@@ -92,27 +104,9 @@ class ScannerEnvironment(Environment):
         return len(os.listdir(messages)) if messages.is_dir() else 0
 
     def connect(self, path: str) -> FastSmtp:
-        assert self.postfix is not None and self.token_server is not None and self.tls
-        if path != "direct":
-            client = FastSmtp.connect(self.ports[path])
-            client.command("EHLO scanner.example.test", 250)
-            plain = base64.b64encode(f"\0{USER}\0{LOCAL_PASSWORD}".encode()).decode()
-            client.command(f"AUTH PLAIN {plain}", 235)
-            return client
-        client = FastSmtp.connect(self.postfix.smtp_port)
-        try:
-            client.command("EHLO scanner.example.test", 250)
-            client.command("STARTTLS", 220)
-            client.sock = self.tls.wrap_socket(client.sock, server_hostname="127.0.0.1")
-            client.command("EHLO scanner.example.test", 250)
-            token = self.token_server.authority.issue_access_token(USER)
-            client.command("AUTH XOAUTH2", 334)
-            sasl = base64.b64encode(f"user={USER}\x01auth=Bearer {token}\x01\x01".encode())
-            client.command(sasl.decode(), 235)
-        except BaseException:
-            client.quit()
-            raise
-        return client
+        if path == "direct":
+            return self.direct_client(starttls=True)
+        return self.proxy_client(self.ports[path])
 
 
 @dataclass
@@ -125,52 +119,37 @@ class Sample:
 
 def run_once(env: ScannerEnvironment, path: str, message: bytes, count: int,
              senders: int) -> Sample:
+    """``count`` messages from ``senders`` threads, each message its own connection (the
+    login is timed too)."""
     env.settle()
-    shares = [count // senders + (1 if i < count % senders else 0) for i in range(senders)]
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(senders + 1, timeout=TIMEOUT)
 
-    def sender(n: int) -> None:
-        try:
-            barrier.wait()
+    def prepare(n: int) -> Callable[[], None]:
+        def work() -> None:
             for _ in range(n):
                 client = env.connect(path)
                 try:
                     client.send(USER, USER, message)
                 finally:
                     client.quit()
-        except BaseException as exc:
-            errors.append(exc)
 
-    threads = [threading.Thread(target=sender, args=(n,), daemon=True) for n in shares]
-    for t in threads:
-        t.start()
-    b0 = machine_busy()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join(10 * TIMEOUT)
-    accepted = time.perf_counter() - start
-    b1 = machine_busy()
-    if errors:
-        raise RuntimeError(f"{path}: {errors[0]!r}") from errors[0]
-    sample = Sample(count, accepted, (b1[0] - b0[0]) / max(1, b1[1] - b0[1]))
+        return work
+
+    timed = run_senders(count, senders, prepare, machine_busy, TIMEOUT, path)
+    (b0, t0), (b1, t1) = timed.before, timed.after
+    sample = Sample(count, timed.seconds, (b1 - b0) / max(1, t1 - t0))
     if path == "queue":
         deadline = time.monotonic() + 10 * TIMEOUT
         while env.queued():
             if time.monotonic() > deadline:
                 raise RuntimeError("the queue did not empty")
             time.sleep(0.01)
-        sample.delivered_s = time.perf_counter() - start
+        sample.delivered_s = time.perf_counter() - timed.start
     return sample
 
 
-@dataclass
-class Case:
-    name: str
-    size: int
-    count: int
-    senders: int
+def sampler(env: ScannerEnvironment, message: bytes, senders: int
+            ) -> Callable[[str, int], Sample]:
+    return lambda path, count: run_once(env, path, message, count, senders)
 
 
 def measure(env: ScannerEnvironment, cases: list[Case], rounds: int) -> dict[str, Any]:
@@ -178,16 +157,9 @@ def measure(env: ScannerEnvironment, cases: list[Case], rounds: int) -> dict[str
     out: dict[str, Any] = {"config": {"rounds": rounds, "cpus": os.cpu_count(),
                                       "python": sys.version.split()[0]}, "cases": {}}
     for case in cases:
-        message = make_message(case.size, rng)
-        samples: dict[str, list[Sample]] = {p: [] for p in PATHS}
-        progress(f"{case.name}: warm-up")
-        for path in PATHS:
-            run_once(env, path, message, min(case.count, 2 * case.senders), case.senders)
-        for r in range(rounds):
-            for path in (PATHS if r % 2 == 0 else tuple(reversed(PATHS))):
-                samples[path].append(run_once(env, path, message, case.count, case.senders))
-            progress(f"{case.name} round {r + 1}/{rounds}: " + ", ".join(
-                f"{p} {samples[p][-1].messages / samples[p][-1].seconds:.1f}" for p in PATHS))
+        samples = sample_rounds(case, PATHS, rounds,
+                                sampler(env, make_message(case.size, rng), case.senders),
+                                lambda sample: sample.messages / sample.seconds)
         entry: dict[str, Any] = {"size": case.size, "messages": case.count,
                                  "senders": case.senders}
         for path, got in samples.items():
@@ -205,6 +177,14 @@ def measure(env: ScannerEnvironment, cases: list[Case], rounds: int) -> dict[str
             entry[path]["ratio"] = ratio
             entry[path]["verdict"] = "-" if goal is None else (
                 "PASS" if ratio >= goal else "MISS")
+        queue, pool, relay = (entry[p]["msg_s"] for p in ("queue", "pool", "relay"))
+        entry["ratios"] = {
+            "queue_to_direct": queue / direct,
+            "queue_to_relay_pool": queue / pool,
+            "queue_to_relay_no_pool": queue / relay,
+            "pool_to_no_pool": pool / relay,
+            "queue_delivered_to_direct": entry["queue"]["delivered_msg_s"] / direct,
+        }
         out["cases"][case.name] = entry
     env.settle()
     return out
@@ -219,27 +199,25 @@ def report(r: dict[str, Any]) -> None:
         for i, path in enumerate(PATHS):
             p = e[path]
             tail = "" if path == "direct" else f"   {p['ratio']:.2f} {p['verdict']}"
-            if path == "queue":
-                tail += f"  (delivered end to end: {p['delivered_msg_s']:.1f} msg/s)"
             print(f"  {name if i == 0 else '':<22}{path:<8}{p['msg_s']:>9.1f}"
                   f"{p['busy'] * 100:>5.0f}%{tail}")
-    print("\n  goals: queue >= 0.8, pool >= 1.0 (1 MB: >= 0.9) of direct")
+        q = e["ratios"]
+        print(f"  {'':<22}queue/relay {q['queue_to_relay_pool']:.2f} (relay with the pool), "
+              f"{q['queue_to_relay_no_pool']:.2f} (without); pool/no pool "
+              f"{q['pool_to_no_pool']:.2f}")
+        print(f"  {'':<22}queue end to end {e['queue']['delivered_msg_s']:.1f} msg/s, "
+              f"{q['queue_delivered_to_direct']:.2f} of direct")
+    print("\n  relay: [smtp] upstream_pool_idle = 0 (an upstream login per connection);"
+          "\n  pool: relay with the pool; queue: delivery = \"queue\" (250 once on disk, fsync"
+          " on)")
+    print("  goals: queue >= 0.8, pool >= 1.0 (1 MB: >= 0.9) of direct")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", type=int, default=100, help="10 KB messages per sample")
-    parser.add_argument("--large", type=int, default=10, help="1 MB messages per sample")
-    parser.add_argument("--senders", type=int, default=10, help="concurrent senders")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per case and path")
-    parser.add_argument("--keep", action="store_true", help="pause before cleaning up")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON only")
+    case_arguments(parser, small=100, large=10, rounds=3)
     args = parser.parse_args()
-    cases = [
-        Case("10 KB x1 sender", SMALL, args.small, 1),
-        Case(f"10 KB x{args.senders} senders", SMALL, args.small, args.senders),
-        Case("1 MB x1 sender", LARGE, args.large, 1),
-    ]
+    cases = cases_of(parser, args, large_senders=False)
     env = ScannerEnvironment()
     return run(env, lambda: measure(env, cases, args.rounds), args.keep, args.json, report)
 

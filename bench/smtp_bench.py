@@ -54,16 +54,22 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from common import (  # the repository root goes on sys.path here
+    Case,
+    case_arguments,
+    cases_of,
     launch_proxy,
     machine_busy,
     proc_cpu,
     progress,
     run,
+    run_senders,
+    sample_rounds,
     stop_proxy,
 )
 
@@ -81,11 +87,7 @@ USER = "known-bench@example.test"  # tests.support.postfix accepts known-*@examp
 LOCAL_PASSWORD = "bench local password"
 TIMEOUT = 60.0
 GOAL = 0.8
-SMALL = 10_000
-LARGE = 1_000_000
 PATHS = ("proxy", "direct")
-
-
 
 
 # ------------------------------------------------------------------------------- the client
@@ -146,6 +148,17 @@ class FastSmtp:
         return self.expect(code, line.split()[0] + (" " + line.split()[1]
                                                      if line.startswith("AUTH") else ""))
 
+    def login_plain(self, user: str, password: str) -> None:
+        """AUTH PLAIN, as a client logs in to the proxy with its local password."""
+        plain = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        self.command(f"AUTH PLAIN {plain}", 235)
+
+    def login_xoauth2(self, user: str, token: str) -> None:
+        """Two-step AUTH XOAUTH2 with an access token, as a direct client logs in."""
+        self.command("AUTH XOAUTH2", 334)
+        sasl = base64.b64encode(f"user={user}\x01auth=Bearer {token}\x01\x01".encode())
+        self.command(sasl.decode(), 235)
+
     def send(self, sender: str, rcpt: str, stuffed: bytes) -> None:
         """One transaction; ``stuffed`` is dot-stuffed and ends with CRLF."""
         steps = self.step_seconds
@@ -191,12 +204,6 @@ def make_message(size: int, rng: random.Random) -> bytes:
     message = head + body + b"\r\n"
     assert len(message) == size and b"\r\n." not in message
     return message
-
-
-
-
-
-
 
 
 class BenchPostfix(Postfix):
@@ -269,20 +276,36 @@ class Environment:
     # -- clients -------------------------------------------------------------------------
 
     def login(self, path: str) -> FastSmtp:
-        assert self.postfix is not None and self.token_server is not None
         if path == "proxy":
-            client = FastSmtp.connect(self.proxy_port)
-            client.command("EHLO bench.example.test", 250)
-            plain = base64.b64encode(f"\0{USER}\0{LOCAL_PASSWORD}".encode()).decode()
-            client.command(f"AUTH PLAIN {plain}", 235)
-            return client
-        client = FastSmtp.connect(self.postfix.smtps_port, self.tls)
+            return self.proxy_client(self.proxy_port)
+        return self.direct_client(starttls=False)
+
+    def proxy_client(self, port: int) -> FastSmtp:
+        """Logged in to the proxy on ``port``: EHLO, AUTH PLAIN with the local password."""
+        client = FastSmtp.connect(port)
         try:
             client.command("EHLO bench.example.test", 250)
-            token = self.token_server.authority.issue_access_token(USER)
-            client.command("AUTH XOAUTH2", 334)
-            sasl = base64.b64encode(f"user={USER}\x01auth=Bearer {token}\x01\x01".encode())
-            client.command(sasl.decode(), 235)
+            client.login_plain(USER, LOCAL_PASSWORD)
+        except BaseException:
+            client.quit()
+            raise
+        return client
+
+    def direct_client(self, *, starttls: bool) -> FastSmtp:
+        """Logged in to Postfix with XOAUTH2 and an access token from the test authority:
+        on its implicit-TLS port, or (``starttls``) on 587 with STARTTLS."""
+        assert self.postfix is not None and self.token_server is not None and self.tls
+        if starttls:
+            client = FastSmtp.connect(self.postfix.smtp_port)
+        else:
+            client = FastSmtp.connect(self.postfix.smtps_port, self.tls)
+        try:
+            client.command("EHLO bench.example.test", 250)
+            if starttls:
+                client.command("STARTTLS", 220)
+                client.sock = self.tls.wrap_socket(client.sock, server_hostname="127.0.0.1")
+                client.command("EHLO bench.example.test", 250)
+            client.login_xoauth2(USER, self.token_server.authority.issue_access_token(USER))
         except BaseException:
             client.quit()
             raise
@@ -339,69 +362,45 @@ class Sample:
 
 
 def run_once(env: Environment, path: str, message: bytes, count: int, senders: int) -> Sample:
-    """``count`` messages over ``senders`` sessions, one thread each; the sending is timed."""
+    """``count`` messages over ``senders`` sessions, one thread each, logged in first; the
+    sending is timed."""
     env.settle()
-    assert env.proxy is not None
-    shares = [count // senders + (1 if i < count % senders else 0) for i in range(senders)]
+    proxy = env.proxy
+    assert proxy is not None
     logins: list[float] = []
-    errors: list[BaseException] = []
-    done_at: list[float] = []
     steps = dict.fromkeys(FastSmtp.STEPS, 0.0)
-    barrier = threading.Barrier(senders + 1, timeout=TIMEOUT)
     lock = threading.Lock()
 
-    def sender(n: int) -> None:
-        client = None
-        try:
-            t0 = time.perf_counter()
-            client = env.login(path)
-            with lock:
-                logins.append((time.perf_counter() - t0) * 1000)
-            barrier.wait()
-            for _ in range(n):
-                client.send(USER, USER, message)
-            with lock:
-                done_at.append(time.perf_counter())
-                for step, seconds in client.step_seconds.items():
-                    steps[step] += seconds
-        except BaseException as exc:  # reported by the main thread
-            with lock:
-                errors.append(exc)
-            barrier.abort()
-        finally:
-            if client is not None:
+    def prepare(n: int) -> Callable[[], None]:
+        t0 = time.perf_counter()
+        client = env.login(path)
+        with lock:
+            logins.append((time.perf_counter() - t0) * 1000)
+
+        def work() -> None:
+            try:
+                for _ in range(n):
+                    client.send(USER, USER, message)
+                with lock:
+                    for step, seconds in client.step_seconds.items():
+                        steps[step] += seconds
+            finally:
                 client.quit()
 
-    threads = [threading.Thread(target=sender, args=(n,), daemon=True) for n in shares]
-    for t in threads:
-        t.start()
-    try:
-        barrier.wait()
-    except threading.BrokenBarrierError:
-        pass
-    c0, p0, b0 = time.process_time(), proc_cpu(env.proxy.pid), machine_busy()
-    start = time.perf_counter()
-    deadline = time.monotonic() + 5 * TIMEOUT
-    for t in threads:
-        while t.is_alive():
-            t.join(0.2)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{path}: senders still running after {5 * TIMEOUT:.0f} s")
-    c1, p1, b1 = time.process_time(), proc_cpu(env.proxy.pid), machine_busy()
-    if errors:
-        raise SmtpError(f"{path}: {errors[0]!r}") from errors[0]
-    seconds = max(done_at) - start
+        return work
+
+    def meter() -> tuple[float, float, tuple[float, float]]:
+        return time.process_time(), proc_cpu(proxy.pid), machine_busy()
+
+    timed = run_senders(count, senders, prepare, meter, TIMEOUT, path)
+    (c0, p0, b0), (c1, p1, b1) = timed.before, timed.after
     busy = (b1[0] - b0[0]) / max(1, b1[1] - b0[1])
-    return Sample(count, count * len(message), seconds, statistics.fmean(logins),
+    return Sample(count, count * len(message), timed.seconds, statistics.fmean(logins),
                   c1 - c0, p1 - p0, busy, steps)
 
 
-@dataclass
-class Case:
-    name: str
-    size: int
-    count: int
-    senders: int
+def sampler(env: Environment, message: bytes, senders: int) -> Callable[[str, int], Sample]:
+    return lambda path, count: run_once(env, path, message, count, senders)
 
 
 def measure(env: Environment, cases: list[Case], rounds: int) -> dict[str, dict[str, list[Sample]]]:
@@ -410,17 +409,9 @@ def measure(env: Environment, cases: list[Case], rounds: int) -> dict[str, dict[
     results: dict[str, dict[str, list[Sample]]] = {}
     for case in cases:
         message = bodies[case.size]
-        per_path: dict[str, list[Sample]] = {p: [] for p in PATHS}
-        progress(f"{case.name}: warm-up")
-        for path in PATHS:
-            run_once(env, path, message, min(case.count, 2 * case.senders), case.senders)
-        for r in range(rounds):
-            order = PATHS if r % 2 == 0 else tuple(reversed(PATHS))
-            for path in order:
-                per_path[path].append(run_once(env, path, message, case.count, case.senders))
-            line = ", ".join(f"{p} {per_path[p][-1].msg_s:.1f} msg/s" for p in PATHS)
-            progress(f"{case.name} round {r + 1}/{rounds}: {line}")
-        results[case.name] = per_path
+        results[case.name] = sample_rounds(case, PATHS, rounds,
+                                           sampler(env, message, case.senders),
+                                           lambda sample: sample.msg_s)
     env.settle()
     return results
 
@@ -499,28 +490,14 @@ def print_report(r: dict[str, Any]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", type=int, default=200, help="10 KB messages per sample")
-    parser.add_argument("--large", type=int, default=30, help="1 MB messages per sample")
-    parser.add_argument("--senders", type=int, default=10, help="concurrent sessions")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per case and path")
+    case_arguments(parser, small=200, large=30, rounds=5)
     parser.add_argument("--deliver", action="store_true",
                         help="let Postfix deliver into Dovecot (LMTP) during the samples")
     parser.add_argument("--strict", action="store_true",
                         help="run the proxy with [smtp] strict_one_to_one = true (MAIL and "
                         "DATA wait for the upstream's own replies)")
-    parser.add_argument("--keep", action="store_true",
-                        help="pause before cleaning up (prints the temporary directory)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON only")
     args = parser.parse_args()
-    if min(args.small, args.large, args.senders, args.rounds) < 1:
-        parser.error("--small, --large, --senders, --rounds must be >= 1")
-    cases = [
-        Case("10 KB x1 sender", SMALL, args.small, 1),
-        Case(f"10 KB x{args.senders} senders", SMALL, args.small, args.senders),
-        Case("1 MB x1 sender", LARGE, args.large, 1),
-        Case(f"1 MB x{args.senders} senders", LARGE, args.large, args.senders),
-    ]
-
+    cases = cases_of(parser, args, large_senders=True)
     env = Environment(args.deliver, args.strict)
     return run(env, lambda: summarize(cases, measure(env, cases, args.rounds), args),
                args.keep, args.json, print_report)

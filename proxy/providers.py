@@ -92,5 +92,8 @@ PRESETS: dict[str, Preset] = {
         scopes=_MS_DELEGATED,
         default_tenant="consumers",
         smtp_max_recipients=100,
+        # Microsoft's published Outlook.com limit (for Microsoft 365 subscribers; "lower for
+        # non-subscribers", unpublished: set max_recipients_per_day lower for a free account).
+        max_recipients_per_day=5000,
     ),
 }

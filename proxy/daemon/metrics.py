@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -15,6 +16,7 @@ from prometheus_client.registry import Collector
 from .. import __version__
 from ..config import Account, parse_hostport
 from ..observe import Observer
+from ..queue.index import Queued
 from ..tokens.grants import REFRESH_FLOWS
 from ..tokens.manager import TokenManager
 
@@ -57,6 +59,37 @@ class _TokenCollector(Collector):
         yield authorized
 
 
+class _QueueCollector(Collector):
+    """The outbound queue per account, from the queue service's summary in memory."""
+
+    def __init__(self, accounts: Callable[[], Sequence[Account]],
+                 summary: Callable[[], Mapping[str, Queued]],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._accounts = accounts
+        self._summary = summary
+        self._clock = clock
+
+    def collect(self) -> Iterable[Metric]:
+        messages = GaugeMetricFamily("mailproxy_queue_messages",
+                                     "Messages in the outbound queue.", labels=["account"])
+        oldest = GaugeMetricFamily("mailproxy_queue_oldest_age_seconds",
+                                   "Age of the oldest message in the outbound queue (0: empty).")
+        summary = self._summary()
+        shown = set()
+        for account in self._accounts():
+            if account.server("smtp") is not None:
+                queued = summary.get(account.key)
+                messages.add_metric([account.address], queued.messages if queued else 0)
+                shown.add(account.key)
+        for key, queued in summary.items():  # an account removed from the configuration
+            if key not in shown:
+                messages.add_metric([key], queued.messages)
+        first = min((queued.oldest for queued in summary.values()), default=None)
+        oldest.add_metric([], max(0.0, self._clock() - first) if first is not None else 0.0)
+        yield messages
+        yield oldest
+
+
 class Metrics(Observer):
     """The daemon's metrics; an ``Observer`` the login gate, sessions and tokens report to."""
 
@@ -89,6 +122,10 @@ class Metrics(Observer):
     def watch_tokens(self, accounts: Callable[[], Sequence[Account]],
                      tokens: Callable[[], TokenManager]) -> None:
         self.registry.register(_TokenCollector(accounts, tokens))
+
+    def watch_queue(self, accounts: Callable[[], Sequence[Account]],
+                    summary: Callable[[], Mapping[str, Queued]]) -> None:
+        self.registry.register(_QueueCollector(accounts, summary))
 
     def count_sessions(self, proto: str, count: Callable[[], int]) -> None:
         self.sessions.labels(proto).set_function(count)

@@ -95,6 +95,8 @@ class Daemon:
         self._retired_notifiers: list[Notifier] = []
         self.admin = admin_service(self)
         self.queue: QueueService | None = None
+        self.metrics.watch_queue(lambda: self.settings.accounts,
+                                 lambda: self.queue.summary() if self.queue is not None else {})
         self._refused_logged = 0.0
         self._ended_count = 0  # sessions ended since memory was last released
         self.tls = ServerTls(settings)

@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -100,6 +100,13 @@ class AccountStats:
     size: int
     oldest: float | None  # when the oldest message was received
     last_error: str | None  # of the message tried most recently that failed
+
+
+class Queued(NamedTuple):
+    """What one account has in the queue: how many messages, and when the oldest came."""
+
+    messages: int
+    oldest: float
 
 
 class IndexDb:
@@ -232,6 +239,12 @@ class IndexDb:
             "SELECT at, recipients FROM sent WHERE account = ? AND at >= ? ORDER BY at",
             (account, since))]
 
+    def summary(self) -> dict[str, Queued]:
+        """Per account with messages: their count and the oldest's reception time."""
+        return {account: Queued(int(count), float(oldest)) for account, count, oldest in
+                self.db.execute("SELECT account, COUNT(*), MIN(received) FROM messages "
+                                "GROUP BY account")}
+
     def stats(self) -> dict[str, AccountStats]:
         out: dict[str, AccountStats] = {}
         for account, count, size, oldest in self.db.execute(
@@ -299,6 +312,9 @@ class Index:
 
     async def stats(self) -> dict[str, AccountStats]:
         return await self.call(self.db.stats)
+
+    async def summary(self) -> dict[str, Queued]:
+        return await self.call(self.db.summary)
 
     async def get(self, message_id: str) -> Record | None:
         return await self.call(self.db.get, message_id)

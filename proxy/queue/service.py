@@ -1,6 +1,6 @@
 """The outbound queue as the daemon runs it: the spool (opened, locked, recovered at start),
 a delivery worker per account, failure notifications handed on without holding up delivery,
-and the status shown by ``mailproxy status``."""
+the status shown by ``mailproxy status``, and a summary kept in memory for the metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config import Account, Settings
+from .index import Queued
 from .ratelimit import Limits
 from .spool import Reception, Recovery, Spool
 from .upstream import Deliverer
@@ -23,6 +24,12 @@ log = logging.getLogger("mailproxy.queue")
 
 # (account, reason): the daemon turns it into a `message_failed` notification.
 Notify = Callable[[Account, str], Awaitable[None]]
+
+# The summary the metrics read is read from the index again this long after a message was
+# queued or removed (at most once in that time, however many came), and this often anyway:
+# `mailproxy queue delete` changes the index from another process.
+SUMMARY_DELAY = 1.0
+SUMMARY_POLL = 15.0
 
 
 class QueueLocked(Exception):
@@ -49,6 +56,8 @@ class QueueService:
         self._lock_fd: int | None = None
         self._failures: asyncio.Queue[tuple[Account, str]] = asyncio.Queue()
         self._abandoned: asyncio.Queue[Reception] = asyncio.Queue()
+        self._summary: dict[str, Queued] = {}
+        self._summary_due = asyncio.Event()
 
     async def start(self) -> Spool:
         """Open and lock the queue directory and clean up after a crash; before listening."""
@@ -59,10 +68,12 @@ class QueueService:
         try:
             self._lock_fd = await asyncio.to_thread(_lock, directory / "lock")
             self.recovery = await spool.recover()
+            self._summary = await spool.index.summary()
         except BaseException:
             await spool.aclose()
             raise
         self.spool = spool
+        spool.changed = self._summary_due.set
         for account in self.settings.accounts:
             if account.server("smtp") is None:
                 continue
@@ -79,6 +90,7 @@ class QueueService:
                 tg.create_task(worker.run(), name=f"queue-{key}")
             tg.create_task(self._send_failures(), name="queue-notify")
             tg.create_task(self._sweep(), name="queue-sweep")
+            tg.create_task(self._keep_summary(), name="queue-summary")
 
     async def aclose(self) -> None:
         if self.spool is not None:
@@ -98,6 +110,26 @@ class QueueService:
         """Drop a reception from code that cannot await (a transaction's ``abort``): its
         temporary file is removed by the service's own task (and at the next start anyway)."""
         self._abandoned.put_nowait(reception)
+
+    def summary(self) -> dict[str, Queued]:
+        """Per account key with messages queued: their count and the oldest's reception time,
+        from memory (for the metrics: a scrape never waits on the disk). It follows the
+        daemon's own changes within ``SUMMARY_DELAY`` and the CLI's within ``SUMMARY_POLL``."""
+        return self._summary
+
+    async def _keep_summary(self) -> None:
+        spool = self.spool
+        assert spool is not None
+        while True:
+            self._summary_due.clear()  # before reading: a change meanwhile reads again
+            try:
+                self._summary = await spool.index.summary()
+            except Exception as exc:  # the index is busy or broken: keep the last one
+                log.warning("queue: cannot read the queue's summary: %s", exc)
+            await asyncio.sleep(SUMMARY_DELAY)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SUMMARY_POLL):
+                    await self._summary_due.wait()
 
     async def _sweep(self) -> None:
         while True:

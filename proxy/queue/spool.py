@@ -70,6 +70,10 @@ def _no_fault(step: str) -> None:
     pass
 
 
+def _nothing() -> None:
+    pass
+
+
 class Spool:
     """The queue directory: ``incoming/``, ``messages/`` and the index."""
 
@@ -85,6 +89,9 @@ class Spool:
         # Tests make a step fail here, as a kill at that moment would: "written" (file
         # fsynced), "renamed", "dir_synced", "committed" (row committed, no reply yet).
         self.fault: Callable[[str], None] = _no_fault
+        # Called after a message was added to or removed from the index (the queue service
+        # refreshes the summary the metrics read).
+        self.changed: Callable[[], None] = _nothing
         self._receiving: dict[str, int] = {}  # receptions in progress: bytes so far
         # check_space's readings (see there).
         self._queued: int | None = None
@@ -181,6 +188,7 @@ class Spool:
         """Remove a message: its row first (the arbiter), then its file. A crash between the
         two leaves an orphan file, removed at the next start."""
         await self.index.call(lambda: self.index.db.remove(message_id, sent=sent))
+        self.changed()
         await asyncio.to_thread(_unlink, self.path(message_id))
         self._queued = None  # read again at the next check
 
@@ -281,6 +289,7 @@ class Reception:
             if spool._queued is not None:
                 spool._queued += record.size
             spool._free -= record.size
+            spool.changed()
             spool.fault("committed")
             return record
         except Exception:

@@ -30,6 +30,7 @@ from ..config import Account, Device, Settings
 from ..daemon.limits import ConnectionLimits, refuse
 from ..login import Refusal
 from ..net import peer_host
+from ..observe import Observer
 from .data import Outcome, pump
 from .guard import GuardedSMTP
 from .hooks import Hooks
@@ -87,8 +88,10 @@ class SmtpFront(GuardedSMTP):
     def __init__(self, settings: Settings, hostname: str, sessions: Sessions,
                  on_lost: Callable[[SmtpFront], None],
                  limits: ConnectionLimits | None = None, *,
-                 tls_context: ssl.SSLContext | None = None, tls_required: bool = False) -> None:
-        """``tls_context``: offer STARTTLS with it; ``tls_required``: no AUTH before it."""
+                 tls_context: ssl.SSLContext | None = None, tls_required: bool = False,
+                 observer: Observer | None = None) -> None:
+        """``tls_context``: offer STARTTLS with it; ``tls_required``: no AUTH before it;
+        ``observer``: told the connection's byte counts when it ends (the metrics)."""
         super().__init__(
             Hooks(), hostname=hostname, ident=f"mailproxy {__version__} ESMTP",
             data_size_limit=None, enable_SMTPUTF8=True, decode_data=False,
@@ -114,6 +117,7 @@ class SmtpFront(GuardedSMTP):
         self._log_context: contextvars.Context | None = None
         self._started = 0.0
         self.limits = limits
+        self.observer = observer or Observer()
         self.peer = "unknown"
         self._admitted = False  # counted in `limits`: released when the connection ends
         self._login_timer: asyncio.TimerHandle | None = None
@@ -319,8 +323,11 @@ class SmtpFront(GuardedSMTP):
             self.on_lost(self)  # refused at connection_made: aiosmtpd never started
             return
         if self._log_context is not None:
-            self._log_context.run(logs.log_session_end, session_log, self._started,
-                                  logs.tcp_counts(self.transport))
+            # The kernel's counters, read once as the connection goes (as IMAP and POP3 do).
+            counts = logs.tcp_counts(self.transport)
+            self._log_context.run(logs.log_session_end, session_log, self._started, counts)
+            if counts is not None:
+                self.observer.session_ended("smtp", *counts)
         super().connection_lost(error)
         if self.transaction is not None:
             self.transaction.close()

@@ -104,7 +104,7 @@ class SmtpService:
             tls = {"tls_context": self.tls.current(listener.tls_min_version),
                    "tls_required": listener.plain_requires_tls}
         front = SmtpFront(self.settings, self.hostname, self,
-                          self.fronts.discard, self.limits, **tls)
+                          self.fronts.discard, self.limits, observer=self.gate.observer, **tls)
         self.fronts.add(front)
         return front
 

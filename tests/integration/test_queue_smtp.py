@@ -1,6 +1,6 @@
 """Devices and the outbound queue through the daemon, against the real Postfix and Dovecot:
-250 while the server is down and delivery afterwards, DSNs, max_size, device rules, and one
-upstream login for many relay connections."""
+250 while the server is down and delivery afterwards (with the queue's metrics and status),
+DSNs, max_size, device rules, and one upstream login for many relay connections."""
 
 from __future__ import annotations
 
@@ -10,9 +10,20 @@ import email.policy
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import Device, QueueSettings, Settings, SmtpListener, VaultSettings
+from proxy.cli.status import status as status_command
+from proxy.config import (
+    Device,
+    MetricsSettings,
+    QueueSettings,
+    Settings,
+    SmtpListener,
+    VaultSettings,
+)
+from proxy.daemon.server import Daemon
 from proxy.queue import admin
 from tests.integration.test_smtp_proxy import (  # noqa: F401  (fixtures)
     Raw,
@@ -88,13 +99,40 @@ async def until_empty(directory: Path, timeout: float = 30.0) -> None:
             await asyncio.sleep(0.05)
 
 
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(daemon: Daemon) -> Samples:
+    assert daemon.metrics_server.address is not None
+    host, port = daemon.metrics_server.address
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://{host}:{port}/metrics")).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def scrape_until(daemon: Daemon, name: str, want: float, timeout: float = 10.0,
+                       **labels: str) -> Samples:
+    """Scrapes until ``name{labels}`` is ``want`` (the queue's summary follows within ~1 s)."""
+    key = (name, tuple(sorted(labels.items())))
+    async with asyncio.timeout(timeout):
+        while (samples := await scrape(daemon)).get(key) != want:
+            await asyncio.sleep(0.1)
+    return samples
+
+
 async def test_twenty_messages_accepted_while_the_server_is_cut(
-        harness: SmtpHarness, mail_user: str, cutter: Cutter) -> None:
+        harness: SmtpHarness, mail_user: str, cutter: Cutter,
+        capsys: pytest.CaptureFixture[str]) -> None:
     harness.provision(mail_user)
     settings = queue_settings(harness, mail_user, smtp_port=cutter.port)
+    settings.metrics = MetricsSettings(listen="127.0.0.1:0")
     cutter.refusing = True
     sent = []
     async with harness.run(settings) as daemon:
+        samples = await scrape(daemon)  # an account with nothing queued shows 0
+        assert samples[("mailproxy_queue_messages", (("account", mail_user),))] == 0
+        assert samples[("mailproxy_queue_oldest_age_seconds", ())] == 0
         for i in range(20):
             data = message(mail_user, mail_user, f"scan {i}\r\n.dot line\r\n".encode(),
                            subject=f"cut {i}")
@@ -104,6 +142,15 @@ async def test_twenty_messages_accepted_while_the_server_is_cut(
             sent.append(data)
         queued = admin.list_messages(settings.queue_dir)
         assert len(queued) == 20
+        samples = await scrape_until(daemon, "mailproxy_queue_messages", 20, account=mail_user)
+        first_age = samples[("mailproxy_queue_oldest_age_seconds", ())]
+        assert first_age > 0
+        # SMTP counts its client bytes as IMAP and POP3 do, when a session ends.
+        assert samples[("mailproxy_relayed_bytes_total", (("direction", "in"),
+                                                          ("protocol", "smtp")))] \
+            > sum(len(data) for data in sent)
+        assert samples[("mailproxy_relayed_bytes_total", (("direction", "out"),
+                                                          ("protocol", "smtp")))] > 0
         async with asyncio.timeout(20):  # the worker tried and holds back
             while not (await daemon._control("status"))["accounts"][0]["queue"].get(
                     "last_error"):
@@ -111,11 +158,22 @@ async def test_twenty_messages_accepted_while_the_server_is_cut(
         status = (await daemon._control("status"))["accounts"][0]["queue"]
         assert status["queued"] == 20 and status["oldest_age"] >= 0
         assert "cannot reach" in status["last_error"]
+        # `mailproxy status` (over the control socket, in a thread: the daemon answers on
+        # this loop) as a person reads it: count, oldest age, last delivery error.
+        capsys.readouterr()
+        await asyncio.to_thread(status_command, settings, as_json=False)
+        text = capsys.readouterr().out
+        assert "\n  queue: 20 message(s), oldest " in text, text
+        assert "\n  queue last error: " in text and "cannot reach" in text, text
+        later = await scrape(daemon)
+        assert later[("mailproxy_queue_oldest_age_seconds", ())] > first_age
         assert delivered(harness.dovecot, mail_user) == []
         cutter.refusing = False
         assert admin.retry(settings.queue_dir, None) >= 1  # `mailproxy queue retry --all`
         found = await wait_delivered(harness.dovecot, mail_user, 20)
         await until_empty(settings.queue_dir)
+        samples = await scrape_until(daemon, "mailproxy_queue_messages", 0, account=mail_user)
+        assert samples[("mailproxy_queue_oldest_age_seconds", ())] == 0
     for data in sent:
         assert sum(same_message(stored, data) for stored in found) == 1
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ConfigError, load_config
+from proxy.queue.service import limits_of
 
 ACCOUNTS = """
 [[accounts]]
@@ -39,6 +40,29 @@ def test_defaults(tmp_path: Path) -> None:
             office.max_recipients_per_day) == (30, None, 10000)
     assert (gmail.max_messages_per_minute, gmail.max_messages_per_day,
             gmail.max_recipients_per_day) == (None, 2000, None)
+
+
+def test_outlook_preset_limits(tmp_path: Path) -> None:
+    text = f'state_dir = "{tmp_path}"\n' + """
+[[accounts]]
+address = "me@outlook.com"
+provider = "outlook"
+client_id = "x"
+
+[[accounts]]
+address = "free@hotmail.com"
+provider = "outlook"
+client_id = "x"
+max_recipients_per_day = 300
+"""
+    subscriber, free = load_config(write(tmp_path, text))[0].accounts
+    # Outlook.com's published daily recipients; no per-minute or message count published.
+    assert (subscriber.max_messages_per_minute, subscriber.max_messages_per_day,
+            subscriber.max_recipients_per_day) == (None, None, 5000)
+    assert subscriber.smtp_max_recipients == 100
+    assert free.max_recipients_per_day == 300  # a free account's lower limit, set by hand
+    assert limits_of(free).recipients_per_day == 300
+    assert limits_of(subscriber).messages_per_minute is None
 
 
 def test_devices_queue_and_units(tmp_path: Path) -> None:

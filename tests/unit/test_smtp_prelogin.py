@@ -13,12 +13,14 @@ import pytest
 
 from proxy.config import Settings
 from proxy.login import Gate, Refusal
+from proxy.observe import Observer
 from proxy.smtp.service import SmtpService
 
 
 class _Gate:
     def __init__(self) -> None:
         self.logins: list[tuple[str, str]] = []
+        self.observer = Observer()
 
     async def log_in(self, proto: str, user: str, password: str, make: Any) -> Any:
         self.logins.append((user, password))
