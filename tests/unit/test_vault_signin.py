@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,19 +31,27 @@ def test_one_holder_at_a_time_and_who_it_is(tmp_path: Path) -> None:
 
 
 def test_another_process_holding_it_is_named(tmp_path: Path) -> None:
-    code = ("import sys; from pathlib import Path; from proxy.vault import signin; "
-            f"signin.take(Path({str(tmp_path)!r}), {KEY!r}, 'authorize'); "
-            "print('held', flush=True); sys.stdin.read()")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: hold the lock until told to stop
+        try:
+            signin.take(tmp_path, KEY, "authorize")
+            os.write(ready_w, b"x")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
     try:
-        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        assert os.read(ready_r, 1) == b"x"
         with pytest.raises(signin.SignInBusy) as busy:
             signin.take(tmp_path, KEY, "admin")
-        assert busy.value.holder == signin.Holder(proc.pid, "authorize")
+        assert busy.value.holder == signin.Holder(pid, "authorize")
         assert not busy.value.holder.this_process
     finally:
-        proc.communicate("")
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
     signin.take(tmp_path, KEY, "admin").release()  # gone with its process
 
 
