@@ -1,12 +1,13 @@
-"""The admin page's place in the daemon: its listener on the daemon's loop, the tasks it owns
-(device-code sign-ins), the sign-in links it hands to the control socket, and the sign-ins
-waiting for a provider's redirect."""
+"""The admin page's place in the daemon: its listener on the daemon's loop (over TLS when
+configured), the tasks it owns (device-code sign-ins), the sign-in links it hands to the control
+socket, and the sign-ins under way, each holding its account's sign-in lock."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import secrets
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
