@@ -207,6 +207,7 @@ def test_one_sign_in_at_a_time_between_page_and_cli(tls_daemon: TlsDaemon,
         assert (f"the admin page (mailproxy daemon, pid {d.pid}) is signing {user} in right "
                 "now; finish or cancel it there first") in cli.stderr
         http.post(account + "/signin/cancel", data={"csrf": csrf})
+        authority.deny_device(page_code)  # not pending for later tests
 
         # authorize holds it: the page says so.
         waiting = subprocess.Popen(
@@ -235,3 +236,8 @@ def test_one_sign_in_at_a_time_between_page_and_cli(tls_daemon: TlsDaemon,
         answer = http.post(account + "/signin", data={"csrf": csrf, "password": "cli pw"},
                            follow_redirects=False)
         assert answer.headers["location"] == f"/accounts/{user}/device"
+        last = wait_for(lambda: [c for c in authority.pending_user_codes()
+                                 if c not in (page_code, cli_code)], 10)[0]
+        http.post(account + "/signin/cancel", data={"csrf": csrf})
+        authority.deny_device(last)
+    assert not {page_code, cli_code, last} & set(authority.pending_user_codes())
