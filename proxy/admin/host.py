@@ -1,11 +1,14 @@
 """The adapter between the admin page and the rest of mailproxy: the only module of
-``proxy.admin`` that reaches the daemon's objects, the token flows, the vault or the storage
-policy of ``mailproxy authorize``. Everything else in the package sees the ``Backend``
-interface (``model.py``)."""
+``proxy.admin`` that reaches the daemon's objects, the token flows, the vault, the sign-in lock
+and the storage policy of ``mailproxy authorize``, or the TLS certificates. Everything else in
+the package sees the ``Backend`` interface (``model.py``); ``convert.py`` turns the records it
+gets into the page's views.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sqlite3
@@ -16,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Account, Settings, parse_hostport
 from ..queue import admin as queue_admin
+from ..tls.show import ShowError, export_ca, summaries
 from ..tokens.flows import (
     DeviceCode,
     FlowError,
@@ -24,30 +28,29 @@ from ..tokens.flows import (
     authorize,
     exchange_code,
 )
-from ..vault import PasswordNeeded, VaultError
+from ..vault import PasswordNeeded, VaultError, signin
 from ..vault.policy import grant_fields, store_grant
+from . import convert
 from .model import (
     AccountView,
     AdminError,
     DeviceCodeView,
-    Notice,
     PasswordNeed,
     PasswordView,
     QueuedView,
     SignedIn,
-    VaultState,
+    TlsView,
     free_label,
 )
 
 if TYPE_CHECKING:
+    from ..config import TlsVersion
     from ..login import Gate
-    from ..queue.index import Record
     from ..queue.service import QueueService
+    from ..tls.contexts import ServerTls
     from .service import AdminService
 
 log = logging.getLogger("mailproxy.admin")
-
-_PERSISTED_EVENTS = ("authorization_required", "deadline_approaching")
 
 
 class Daemon(Protocol):
@@ -57,22 +60,31 @@ class Daemon(Protocol):
     gate: Gate
     started: float
     queue: QueueService | None
+    tls: ServerTls
 
     async def status_report(self) -> dict[str, Any]:
         """The control socket's ``status`` answer: one source of truth for both."""
         ...
 
 
+# The oldest TLS version the admin page accepts (browsers all speak 1.2); the daemon's
+# ``ServerTls`` must build a context for it.
+ADMIN_TLS_VERSION: TlsVersion = "1.2"
+
+
 def admin_service(daemon: Daemon) -> AdminService | None:
-    """The admin page for this daemon, or None when ``[admin] listen`` is empty."""
-    listen = daemon.settings.admin.listen
-    if not listen:
+    """The admin page for this daemon, or None when ``[admin] listen`` is empty. Over TLS it
+    serves the listeners' certificate, and a replaced one from the next connection on."""
+    settings = daemon.settings.admin
+    if not settings.listen:
         return None
-    from .queueweb import make_app
+    from .app import make_app
     from .service import AdminService
 
-    host, port = parse_hostport(listen)
-    return AdminService(DaemonBackend(daemon), host, port, app_factory=make_app)
+    host, port = parse_hostport(settings.listen)
+    context = daemon.tls.listener_context(ADMIN_TLS_VERSION) if settings.use_tls else None
+    return AdminService(DaemonBackend(daemon), host, port, app_factory=make_app,
+                        ssl_context=context)
 
 
 class DaemonBackend:
@@ -112,8 +124,44 @@ class DaemonBackend:
         now = time.time()
         for account, status in zip(self._settings.accounts, report["accounts"], strict=True):
             exists = await asyncio.to_thread(self._vault.exists, account.key)
-            views.append(_view(account, status, exists, now))
+            views.append(convert.account_view(account, status, exists, now))
         return views
+
+    # -- the sign-in lock (``proxy.vault.signin``, shared with ``mailproxy authorize``) ------
+
+    async def hold_sign_in(self, key: str) -> signin.SignInLock:
+        account = self._account(key)
+        take = functools.partial(signin.take, self._settings.state_dir, account.key, "admin")
+        # A future, not a task: if this request is cancelled meanwhile, a lock the thread got
+        # anyway is released instead of being held until the daemon stops.
+        future = asyncio.get_running_loop().run_in_executor(None, take)
+        try:
+            return await asyncio.shield(future)
+        except signin.SignInBusy as exc:
+            raise AdminError(_busy(account, exc.holder)) from None
+        except OSError as exc:
+            raise AdminError(f"the sign-in lock of {account.address} cannot be taken: "
+                             f"{exc}") from None
+        except asyncio.CancelledError:
+            future.add_done_callback(_release_taken)
+            raise
+
+    # -- TLS (``proxy.tls.show``, as `mailproxy tls info` and `tls export-ca`) ---------------
+
+    async def tls(self) -> TlsView:
+        settings = self._settings
+        generated = settings.tls.cert_file is None
+        try:
+            found = await asyncio.to_thread(summaries, settings)
+        except ShowError as exc:
+            return TlsView(generated, error=str(exc))
+        return TlsView(generated, tuple(convert.certificate(s) for s in found))
+
+    async def local_ca(self) -> str:
+        try:
+            return await asyncio.to_thread(export_ca, self._settings)
+        except ShowError as exc:
+            raise AdminError(str(exc)) from None
 
     # -- the outbound queue (``proxy.queue.admin`` on the directory, in a thread) -------------
 
@@ -123,7 +171,7 @@ class DaemonBackend:
                 (directory / "index.sqlite").exists):
             return None
         records = await asyncio.to_thread(queue_admin.list_messages, directory)
-        return [_queued(r) for r in records]
+        return [convert.queued(r) for r in records]
 
     async def queue_retry(self, message_id: str | None, account: str | None) -> int:
         directory = self._settings.queue_dir
@@ -161,7 +209,7 @@ class DaemonBackend:
         except (OSError, sqlite3.Error) as exc:
             raise AdminError(f"the queue could not be changed: {exc}") from None
         log.info("admin page: queued message %s of %s deleted", record.id, record.account)
-        return _queued(record)
+        return convert.queued(record)
 
     async def passwords(self, key: str) -> list[PasswordView]:
         account = self._account(key)
@@ -314,56 +362,24 @@ class _PageConsole:
                                   code.verification_uri_complete, code.expires_at))
 
 
+def _release_taken(future: asyncio.Future[signin.SignInLock]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().release()
+
+
+def _busy(account: Account, holder: signin.Holder) -> str:
+    pid = holder.pid or "?"
+    if holder.who == "admin" and holder.this_process:
+        return (f"a sign-in of {account.address} from this page is still under way; finish it "
+                "or cancel it on this page, then try again")
+    if holder.who == "admin":
+        return (f"the admin page of another mailproxy daemon (pid {pid}) is signing "
+                f"{account.address} in; finish it there first")
+    return (f"`mailproxy authorize {account.address}` is running (pid {pid}); finish or stop "
+            "it first, then try again here")
+
+
 def _locked(account: Account) -> str:
     return (f"the vault of {account.address} is locked: it opens at the account's first client "
             "login with a local password, or at start-up with [vault] master_key; sign the "
             "account in again here to replace it")
-
-
-def _vault_state(status: dict[str, Any], exists: bool) -> VaultState:
-    if not exists:
-        return "missing"
-    locked = status.get("locked")
-    if locked is None:
-        return "unknown"
-    return "locked" if locked else "open"
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
-        else None
-
-
-def _queued(record: Record) -> QueuedView:
-    return QueuedView(
-        id=record.id, account=record.account, sender=record.sender,
-        recipients=tuple(record.recipients), size=record.size, received=record.received,
-        attempts=record.attempts, next_attempt=record.next_attempt,
-        last_error=record.last_error, delivering=record.state == "active",
-        dsn=record.kind == "dsn")
-
-
-def _view(account: Account, status: dict[str, Any], exists: bool, now: float) -> AccountView:
-    notices = [Notice(str(k).split(":")[0], float(at))
-               for k, at in (status.get("notifications") or {}).items()
-               if _number(at) is not None]
-    notices += [Notice(str(n["event"]), float(n["at"])) for n in status.get("sent_this_run", [])
-                if n.get("event") not in _PERSISTED_EVENTS]
-    notices.sort(key=lambda n: n.at)
-    queue: dict[str, Any] = status.get("queue") or {}
-    oldest_age = _number(queue.get("oldest_age"))
-    return AccountView(
-        key=account.key, address=account.address, provider=account.provider,
-        flow=account.flow, authorized=bool(status.get("authorized")),
-        reason=status.get("needs_authorization"), vault=_vault_state(status, exists),
-        access_token_valid=bool(status.get("access_token_valid")),
-        expires_at=_number(status.get("expires_at")),
-        last_refresh=_number(status.get("last_refresh")),
-        next_refresh=_number(status.get("next_refresh")),
-        refreshing=bool(status.get("refreshing")), last_result=status.get("last_result"),
-        last_error=status.get("last_error"), failures=int(status.get("consecutive_failures") or 0),
-        passwords=int(status.get("passwords") or 0),
-        master_key_slot=bool(status.get("master_key_slot")), notices=tuple(notices),
-        queued=int(queue.get("queued") or 0),
-        queue_oldest=None if oldest_age is None else now - oldest_age,
-        queue_error=queue.get("last_error"))

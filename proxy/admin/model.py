@@ -8,8 +8,13 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 # The control socket command that hands out a sign-in link (``mailproxy admin``); the answer
-# is {"url": ..., "expires_in": seconds} or {"error": ...}.
+# is {"url": ..., "expires_in": seconds} or {"error": ...}; over TLS also "certificates" (one
+# "KEY SHA-256 FINGERPRINT" line per certificate served) and "local_ca" (true when browsers
+# must trust mailproxy's own CA).
 LINK_COMMAND = "admin-link"
+# A browser sign-in started on the page waits this long for the provider's redirect (and
+# holds the account's sign-in lock meanwhile, unless cancelled on the page).
+CODE_SIGNIN_LIFETIME = 15 * 60.0
 
 Flow = Literal["authorization_code", "device_code", "client_credentials", "service_account"]
 VaultState = Literal["open", "locked", "missing", "unknown"]
@@ -101,6 +106,42 @@ class DeviceCodeView:
 
 
 @dataclass(frozen=True)
+class CertificateView:
+    """One certificate of the listeners (``mailproxy tls info``'s fields)."""
+
+    role: Literal["served", "chain", "ca"]  # a leaf served, its chain, mailproxy's own CA
+    path: str
+    subject: str
+    issuer: str
+    names: tuple[str, ...]
+    not_before: float
+    not_after: float
+    key: str
+    sha256: str  # "AB:CD:..."
+
+
+@dataclass(frozen=True)
+class TlsView:
+    generated: bool  # mailproxy made its own CA (no [tls] cert_file): it can be downloaded
+    certificates: tuple[CertificateView, ...] = ()
+    error: str | None = None  # why the certificates cannot be shown
+
+    @property
+    def served(self) -> list[CertificateView]:
+        return [c for c in self.certificates if c.role != "ca"]
+
+    @property
+    def ca(self) -> CertificateView | None:
+        return next((c for c in self.certificates if c.role == "ca"), None)
+
+
+class Held(Protocol):
+    """An account's sign-in lock, held until released."""
+
+    def release(self) -> None: ...
+
+
+@dataclass(frozen=True)
 class SignedIn:
     """A stored grant: what to tell the person."""
 
@@ -120,6 +161,18 @@ class Backend(Protocol):
 
     async def accounts(self) -> list[AccountView]: ...
 
+    async def hold_sign_in(self, key: str) -> Held:
+        """The account's sign-in lock (the one ``mailproxy authorize`` takes), at once;
+        AdminError saying who holds it otherwise."""
+        ...
+
+    async def tls(self) -> TlsView:
+        """The listeners' certificates now (read from disk)."""
+        ...
+
+    async def local_ca(self) -> str:
+        """mailproxy's own CA certificate in PEM; AdminError when there is none."""
+        ...
 
     async def password_need(self, key: str) -> PasswordNeed: ...
 

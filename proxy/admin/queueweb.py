@@ -9,18 +9,10 @@ from aiohttp import web
 
 from . import web as pages
 from .model import AdminError, QueuedView
-from .service import AdminService
 
 # Where the last queue action's result waits for the next queue page (not an account key).
 _NOTE = " queue"
 _ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-
-def make_app(service: AdminService) -> web.Application:
-    """The whole admin page: the account pages of ``web.py`` and the queue section."""
-    app = pages.make_app(service)
-    add_routes(app.router)
-    return app
 
 
 def add_routes(router: web.UrlDispatcher) -> None:

@@ -61,6 +61,7 @@ def make_app(service: AdminService) -> web.Application:
     r.add_post("/signout", _signout)
     r.add_get("/accounts/{key}", _account)
     r.add_post("/accounts/{key}/signin", _start_signin)
+    r.add_post("/accounts/{key}/signin/cancel", _cancel_signin)
     r.add_get("/accounts/{key}/device", _device)
     r.add_get("/accounts/{key}/device.json", _device_json)
     r.add_post("/accounts/{key}/passwords", _add_password)
@@ -120,18 +121,12 @@ def _message(request: web.Request, status: int, title: str, text: str,
     return _render(request, "message.html", status, title=title, text=text, link=link)
 
 
-def _allowed_hosts(service: AdminService) -> set[str]:
-    port = service.port
-    hosts = {service.host, f"[{service.host}]"}
-    if service.host in ("127.0.0.1", "::1", "localhost"):
-        hosts |= {"127.0.0.1", "[::1]", "localhost"}
-    return {f"{h}:{port}" for h in hosts}
-
-
 def _same_origin(request: web.Request, service: AdminService) -> bool:
     origin = request.headers.get("Origin")
-    if origin is not None and origin.split("://", 1)[-1] not in _allowed_hosts(service):
-        return False
+    if origin is not None:
+        scheme, _, netloc = origin.partition("://")
+        if scheme != ("https" if service.secure else "http") or not service.host_allowed(netloc):
+            return False
     return request.headers.get("Sec-Fetch-Site", "same-origin") in ("same-origin", "none")
 
 
@@ -139,7 +134,7 @@ def _same_origin(request: web.Request, service: AdminService) -> bool:
 async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     service = request.app[SERVICE]
     response: web.StreamResponse
-    if request.host not in _allowed_hosts(service):
+    if not service.host_allowed(request.host):
         # A DNS name pointed at 127.0.0.1 by someone else (rebinding) is not us.
         response = web.Response(status=421, text="wrong host for the mailproxy admin page\n")
     elif request.path in _PUBLIC or request.path.startswith("/static/"):
@@ -242,9 +237,9 @@ async def _callback(request: web.Request) -> web.Response:
     if error or not code:
         description = " ".join(request.query.get("error_description", "").split())[:300]
         reason = error or "no authorization code"
-        service.note(pending.key, False, f"the provider answered {reason}"
-                     + (f" ({description})" if description else "")
-                     + "; start again and accept the requested access")
+        service.abandon_code(pending, f"the provider answered {reason}"
+                             + (f" ({description})" if description else "")
+                             + "; start again and accept the requested access")
         ok = False
     else:
         ok = (await service.finish_code(pending, code)).ok
@@ -287,7 +282,9 @@ async def _account(request: web.Request) -> web.Response:
     return _render(request, "account.html", a=view, passwords=passwords,
                    password_error=password_error, need=need, once=session.take(view.key),
                    outcome=service.outcomes.get(view.key),
-                   device=service.device_signins.get(view.key))
+                   device=service.device_signins.get(view.key),
+                   pending=service.pending_code(view.key),
+                   callback=service.callback_uri(request.host))
 
 
 async def _start_signin(request: web.Request) -> web.Response:
@@ -304,15 +301,24 @@ async def _start_signin(request: web.Request) -> web.Response:
     back = _account_path(view.key)
     try:
         if view.flow == "authorization_code":
-            return _see_other(service.begin_code(view.key, session, password, generated))
+            return _see_other(await service.begin_code(
+                view.key, session, password, generated, service.callback_uri(request.host)))
         if view.flow == "device_code":
-            service.begin_device(view.key, session, password, generated)
+            await service.begin_device(view.key, session, password, generated)
             return _see_other(back + "/device")
     except AdminError as exc:
         service.note(view.key, False, str(exc))
         return _see_other(back)
     await service.test_app(view.key, session, password, generated)
     return _see_other(back)
+
+
+async def _cancel_signin(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    view = await _find(request)
+    if await service.cancel(view.key):
+        service.note(view.key, False, "the sign-in was cancelled; nothing changed")
+    return _see_other(_account_path(view.key))
 
 
 async def _device(request: web.Request) -> web.Response:

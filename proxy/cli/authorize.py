@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
-import os
 import secrets
 import sys
 import time
@@ -14,7 +12,7 @@ from collections.abc import Iterator
 
 from ..config import Account, Settings
 from ..tokens import flows
-from ..tokens.store import ensure_private_dir, safe_name
+from ..vault import signin
 from ..vault.policy import grant_fields
 from .common import (
     EXIT_OK,
@@ -52,23 +50,22 @@ class _Console:
 
 @contextlib.contextmanager
 def _one_authorization(settings: Settings, account: Account) -> Iterator[None]:
-    """Only one ``authorize`` per account at a time: two would race for the same grant."""
-    directory = settings.state_dir / "vault"
-    ensure_private_dir(directory)
-    path = directory / safe_name(account.key, ".authorize")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    """Only one sign-in per account at a time (``proxy.vault.signin``): another ``authorize``
+    or the admin page of the running daemon may be signing it in."""
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
-            raise CliError(f"another `mailproxy authorize {account.address}` is already "
-                           f"running (pid {holder}); finish or stop it first") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        lock = signin.take(settings.state_dir, account.key, "authorize")
+    except signin.SignInBusy as exc:
+        pid = exc.holder.pid or "?"
+        if exc.holder.who == "admin":
+            raise CliError(f"the admin page (mailproxy daemon, pid {pid}) is signing "
+                           f"{account.address} in right now; finish or cancel it there first "
+                           "(a browser sign-in left open ends after 15 minutes)") from None
+        raise CliError(f"another `mailproxy authorize {account.address}` is already "
+                       f"running (pid {pid}); finish or stop it first") from None
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 async def authorize(settings: Settings, account: Account, args: argparse.Namespace) -> int:

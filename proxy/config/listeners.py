@@ -111,19 +111,38 @@ class MetricsSettings(Strict):
 
 class AdminSettings(Strict):
     # The admin page (accounts at a glance, sign-in from a browser), "host:port"; "" turns it
-    # off. Loopback only until the listeners can do TLS: it holds what signs accounts in.
+    # off. It holds what signs accounts in, so off this machine it is served over TLS only.
     listen: str = "127.0.0.1:8025"
+    # TLS with the listeners' certificate ([tls]): "auto" (default) on when listen is not a
+    # loopback address; true also on loopback; false only on loopback.
+    tls: RequireTls = "auto"
 
     @field_validator("listen")
     @classmethod
-    def _loopback(cls, value: str) -> str:
+    def _hostport(cls, value: str) -> str:
         value = value.strip()
-        if not value:
-            return ""
-        host, _ = parse_hostport(value)
-        if not is_loopback_host(host):
-            raise ValueError(f"{value!r} is not a loopback address; the admin page is served "
-                             "without TLS, so it listens on this machine only (e.g. "
-                             "'127.0.0.1:8025'); use an SSH tunnel to reach it from elsewhere")
+        if value:
+            parse_hostport(value)
         return value
 
+    @model_validator(mode="after")
+    def _tls_off_loopback(self) -> AdminSettings:
+        if self.listen and self.tls is False and not self.loopback:
+            raise ValueError(
+                f"listen = {self.listen!r} is not a loopback address and tls = false: the "
+                "admin page signs accounts in and holds their passwords, so off this machine "
+                "it is served over TLS only. Remove 'tls = false' (the page then uses the "
+                "listeners' certificate from [tls]), or listen on '127.0.0.1:8025' and reach "
+                "it through an SSH tunnel")
+        return self
+
+    @property
+    def loopback(self) -> bool:
+        return bool(self.listen) and is_loopback_host(parse_hostport(self.listen)[0])
+
+    @property
+    def use_tls(self) -> bool:
+        """Whether the page is served over TLS (``tls``, or "auto" off loopback)."""
+        if not self.listen:
+            return False
+        return not self.loopback if self.tls == "auto" else self.tls

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from .. import __version__, logs
-from ..admin.host import admin_service
+from ..admin.host import ADMIN_TLS_VERSION, admin_service
 from ..admin.model import LINK_COMMAND
 from ..config import Account, Settings, is_loopback_host, load_config, parse_hostport
 from ..login import Gate, authorize_hint
@@ -93,14 +93,17 @@ class Daemon:
         self.systemd = SystemdNotifier(env)
         self.reloader = Reloader(self, loader or (lambda: load_config(config_path)[0]))
         self._retired_notifiers: list[Notifier] = []
+        # The three protocols' oldest TLS versions, and the admin page's.
+        self.tls = ServerTls(settings, versions=(
+            settings.imap.tls_min_version, settings.pop3.tls_min_version,
+            settings.smtp.tls_min_version, ADMIN_TLS_VERSION))
+        self.smtp.tls = self.tls
         self.admin = admin_service(self)
         self.queue: QueueService | None = None
         self.metrics.watch_queue(lambda: self.settings.accounts,
                                  lambda: self.queue.summary() if self.queue is not None else {})
         self._refused_logged = 0.0
         self._ended_count = 0  # sessions ended since memory was last released
-        self.tls = ServerTls(settings)
-        self.smtp.tls = self.tls
 
     def stop(self) -> None:
         self._stop.set()
@@ -349,7 +352,7 @@ class Daemon:
         if command == LINK_COMMAND:
             if self.admin is None:
                 return {"error": "the admin page is off ([admin] listen is empty)"}
-            return self.admin.link()
+            return await self.admin.link()
         return await self.status_report()
 
     async def status_report(self) -> dict[str, Any]:

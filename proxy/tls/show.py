@@ -4,7 +4,9 @@ daemon makes the certificates at its first start (under the user it runs as)."""
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -54,23 +56,70 @@ def _key(cert: x509.Certificate) -> str:
     return type(key).__name__
 
 
-def _describe(title: str, cert: x509.Certificate, now: dt.datetime) -> list[str]:
-    left = cert.not_valid_after_utc - now
+@dataclass(frozen=True)
+class Summary:
+    """One certificate as ``tls info`` and the admin page show it."""
+
+    role: Literal["served", "chain", "ca"]  # a leaf the listeners serve, its chain, our CA
+    generated: bool  # made by mailproxy (not [tls] cert_file)
+    path: Path
+    subject: str
+    issuer: str
+    names: tuple[str, ...]
+    not_before: dt.datetime
+    not_after: dt.datetime
+    key: str
+    sha256: str  # the fingerprint, "AB:CD:..."
+
+    @property
+    def title(self) -> str:
+        if self.role == "ca":
+            return f"local CA (mailproxy tls export-ca): {self.path}"
+        if self.role == "chain":
+            return "chain certificate:"
+        made = "made by mailproxy" if self.generated else "configured"
+        return f"certificate ({made}): {self.path}"
+
+
+def _summary(cert: x509.Certificate, role: Literal["served", "chain", "ca"], generated: bool,
+             path: Path) -> Summary:
+    return Summary(role, generated, path, cert.subject.rfc4514_string(),
+                   cert.issuer.rfc4514_string(), tuple(san_names(cert)),
+                   cert.not_valid_before_utc, cert.not_valid_after_utc, _key(cert),
+                   _fingerprint(cert))
+
+
+def summaries(settings: Settings) -> list[Summary]:
+    """Each certificate served (and a configured file's chain), then the local CA when
+    mailproxy made its own; ``ShowError`` when one cannot be read."""
+    if settings.tls.cert_file is not None:
+        chain = _load_chain(settings.tls.cert_file)
+        if not chain:
+            raise ShowError(f"{settings.tls.cert_file}: no certificate in it")
+        return [_summary(cert, "chain" if number else "served", False, settings.tls.cert_file)
+                for number, cert in enumerate(chain)]
+    files = local_files(settings.state_dir)
+    out = [_summary(_load_chain(cert_path)[0], "served", True, cert_path)
+           for cert_path, _ in files.pairs()]
+    return [*out, _summary(_load_chain(files.ca_cert)[0], "ca", True, files.ca_cert)]
+
+
+def _describe(title: str, summary: Summary, now: dt.datetime) -> list[str]:
+    left = summary.not_after - now
     when = (f"expired {-left.days} days ago" if left.total_seconds() < 0
             else f"{left.days} days left")
     lines = [
         f"{title}",
-        f"  subject:     {cert.subject.rfc4514_string()}",
-        f"  issuer:      {cert.issuer.rfc4514_string()}",
+        f"  subject:     {summary.subject}",
+        f"  issuer:      {summary.issuer}",
     ]
-    names = san_names(cert)
-    if names:
-        lines.append(f"  names:       {', '.join(names)}")
+    if summary.names:
+        lines.append(f"  names:       {', '.join(summary.names)}")
     lines += [
-        f"  valid:       {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
-        f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC ({when})",
-        f"  key:         {_key(cert)}",
-        f"  SHA-256:     {_fingerprint(cert)}",
+        f"  valid:       {summary.not_before:%Y-%m-%d %H:%M} to "
+        f"{summary.not_after:%Y-%m-%d %H:%M} UTC ({when})",
+        f"  key:         {summary.key}",
+        f"  SHA-256:     {summary.sha256}",
     ]
     return lines
 
@@ -81,19 +130,13 @@ def info(settings: Settings, now: dt.datetime | None = None) -> str:
     if now is None:
         now = dt.datetime.now(dt.UTC)
     out: list[str] = []
-    if settings.tls.cert_file is not None:
-        chain = _load_chain(settings.tls.cert_file)
-        if not chain:
-            raise ShowError(f"{settings.tls.cert_file}: no certificate in it")
-        out += _describe(f"certificate (configured): {settings.tls.cert_file}", chain[0], now)
-        for number, extra in enumerate(chain[1:], 1):
-            out += _describe(f"chain certificate {number}:", extra, now)
-        return "\n".join(out) + "\n"
-    files = local_files(settings.state_dir)
-    for cert_path, _ in files.pairs():
-        out += _describe(f"certificate (made by mailproxy): {cert_path}",
-                         _load_chain(cert_path)[0], now)
-        out.append("")
-    out += _describe(f"local CA (mailproxy tls export-ca): {files.ca_cert}",
-                     _load_chain(files.ca_cert)[0], now)
+    chain_number = 0
+    for summary in summaries(settings):
+        title = summary.title
+        if summary.role == "chain":
+            chain_number += 1
+            title = f"chain certificate {chain_number}:"
+        out += _describe(title, summary, now)
+        if summary.role == "served" and summary.generated:
+            out.append("")
     return "\n".join(out) + "\n"

@@ -56,8 +56,10 @@ def account_keys(token_server: TokenServer, flow: str) -> str:
 
 
 @contextlib.contextmanager
-def daemon(config: Path, admin_port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """`mailproxy run` in its own process until its admin page answers /livez."""
+def daemon(config: Path, admin_port: int, log: Path,
+           scheme: str = "http") -> Iterator[subprocess.Popen[bytes]]:
+    """`mailproxy run` in its own process until its admin page answers /livez (over https
+    without checking the certificate: this only waits; the tests check it themselves)."""
     with log.open("wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(config)],
                                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
@@ -66,7 +68,9 @@ def daemon(config: Path, admin_port: int, log: Path) -> Iterator[subprocess.Pope
             if proc.poll() is not None:
                 raise AssertionError(f"mailproxy run exited: {log.read_text()}")
             try:
-                if httpx.get(f"http://127.0.0.1:{admin_port}/livez", timeout=1).status_code == 200:
+                answer = httpx.get(f"{scheme}://127.0.0.1:{admin_port}/livez", timeout=1,
+                                   verify=False)
+                if answer.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass

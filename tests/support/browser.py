@@ -29,8 +29,10 @@ def browser_available() -> tuple[bool, str]:
     return True, ""
 
 
-def start_chromium(profile: Path | None = None):  # type: ignore[no-untyped-def]
-    """A fresh headless Chromium with its own profile directory; the caller quits it."""
+def start_chromium(profile: Path | None = None,  # type: ignore[no-untyped-def]
+                   flags: tuple[str, ...] = ()):
+    """A fresh headless Chromium with its own profile directory (and ``flags`` besides the
+    usual ones); the caller quits it."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -38,7 +40,7 @@ def start_chromium(profile: Path | None = None):  # type: ignore[no-untyped-def]
     assert chromium and driver
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in CHROMIUM_FLAGS:
+    for flag in (*CHROMIUM_FLAGS, *flags):
         options.add_argument(flag)
     directory = profile or Path(tempfile.mkdtemp(prefix="mailproxy-chromium-"))
     options.add_argument(f"--user-data-dir={directory}")

@@ -143,6 +143,9 @@ class TokenAuthority:
     * ``authorization_code_lifetime``, ``device_code_lifetime``: seconds
     * ``device_interval``: the polling interval the device grant asks for and enforces;
       ``device_slow_down_step`` is added to it after each ``slow_down``
+    * ``https_redirects``: https:// redirect URIs registered for the client (as a "Web"
+      platform redirect at Microsoft or a "Web application" client at Google); loopback
+      http:// ones are always accepted (a desktop client), any other is refused
     """
 
     access_token_lifetime: float = DEFAULT_ACCESS_TOKEN_LIFETIME
@@ -162,6 +165,7 @@ class TokenAuthority:
     device_code_lifetime: float = DEFAULT_DEVICE_CODE_LIFETIME
     device_interval: float = DEFAULT_DEVICE_INTERVAL
     device_slow_down_step: float = DEFAULT_DEVICE_SLOW_DOWN_STEP
+    https_redirects: set[str] = field(default_factory=set)
     # the query of every GET /authorize, in arrival order
     authorize_requests: list[dict[str, str]] = field(default_factory=list)
     # (user_code, outcome) for every device grant poll: "ok" or the error code answered
@@ -322,6 +326,7 @@ class TokenAuthority:
             self.device_code_lifetime = DEFAULT_DEVICE_CODE_LIFETIME
             self.device_interval = DEFAULT_DEVICE_INTERVAL
             self.device_slow_down_step = DEFAULT_DEVICE_SLOW_DOWN_STEP
+            self.https_redirects = set()
             self._failures.clear()
 
     # ---------------------------------------------------------------- queries
@@ -584,8 +589,9 @@ class TokenAuthority:
             if client is None:
                 return 400, "unknown client_id"
             redirect_uri = query.get("redirect_uri", "")
-            if not _is_loopback_redirect(redirect_uri):
-                return 400, "redirect_uri must be a loopback http:// address"
+            if not (_is_loopback_redirect(redirect_uri) or redirect_uri in self.https_redirects):
+                return 400, ("redirect_uri must be a loopback http:// address or a registered "
+                             "https:// one")
             state = query.get("state")
 
             def back(**params: str) -> tuple[int, str]:

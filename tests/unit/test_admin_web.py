@@ -11,20 +11,40 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from proxy.admin.app import make_app
 from proxy.admin.model import (
     AccountView,
     AdminError,
+    CertificateView,
     DeviceCodeView,
     PasswordNeed,
     PasswordView,
     QueuedView,
     SignedIn,
+    TlsView,
 )
-from proxy.admin.queueweb import make_app
 from proxy.admin.service import AdminService
 from proxy.admin.web import COOKIE
 
 ADDRESS = "alice@example.test"
+
+
+CA_PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+FP = ":".join(f"{n:02X}" for n in range(32))
+CERT = CertificateView("served", "/state/tls/server-ec.pem", "CN=mailbox", "CN=mailproxy CA",
+                       ("localhost", "127.0.0.1", "::1", "mailbox", "*.office.example"),
+                       900_000.0, 1_000_000.0 + 300 * 86400, "ECDSA secp256r1", FP)
+CA = CertificateView("ca", "/state/tls/ca.pem", "CN=mailproxy CA", "CN=mailproxy CA", (),
+                     900_000.0, 1_000_000.0 + 3000 * 86400, "ECDSA secp256r1", FP[::-1])
+
+
+@dataclass
+class FakeLock:
+    backend: FakeBackend
+    key: str
+
+    def release(self) -> None:
+        self.backend.held.discard(self.key)
 
 
 @dataclass
@@ -39,9 +59,28 @@ class FakeBackend:
     device_release: asyncio.Event = field(default_factory=asyncio.Event)
     queue_: list[QueuedView] | None = None  # None: no queue in use
     retried: list[tuple[str | None, str | None]] = field(default_factory=list)
+    held: set[str] = field(default_factory=set)  # accounts whose sign-in lock the page holds
+    busy: str | None = None  # someone else holds every lock: this is why
+    tls_: TlsView = field(default_factory=lambda: TlsView(True, (CERT, CA)))
 
     def clock(self) -> float:
         return self.now
+
+    async def hold_sign_in(self, key: str) -> FakeLock:
+        if self.busy is not None:
+            raise AdminError(self.busy)
+        if key in self.held:
+            raise AdminError(f"a sign-in of {key} from this page is still under way")
+        self.held.add(key)
+        return FakeLock(self, key)
+
+    async def tls(self) -> TlsView:
+        return self.tls_
+
+    async def local_ca(self) -> str:
+        if not self.tls_.generated:
+            raise AdminError("[tls] cert_file is set: there is no mailproxy CA to export")
+        return CA_PEM
 
     async def accounts(self) -> list[AccountView]:
         return [AccountView(key=ADDRESS, address=ADDRESS, provider="custom",
@@ -121,7 +160,7 @@ class Page:
 
     async def sign_in(self) -> str:
         """Redeem a fresh link; the CSRF token of the session."""
-        url = self.service.link()["url"]
+        url = (await self.service.link())["url"]
         answer = await self.http.get(url)
         assert answer.status_code == 303 and answer.headers["location"] == "/"
         return csrf_of((await self.http.get(self.base + "/")).text)
@@ -158,7 +197,7 @@ async def test_nothing_readable_without_a_session(page: Page) -> None:
 
 
 async def test_link_gives_a_strict_httponly_session_cookie(page: Page) -> None:
-    url = page.service.link()["url"]
+    url = (await page.service.link())["url"]
     assert url.startswith(page.base + "/signin?token=")
     answer = await page.http.get(url)
     assert answer.status_code == 303
@@ -174,7 +213,7 @@ async def test_link_gives_a_strict_httponly_session_cookie(page: Page) -> None:
 
 
 async def test_link_works_once(page: Page) -> None:
-    url = page.service.link()["url"]
+    url = (await page.service.link())["url"]
     assert (await page.http.get(url)).status_code == 303
     page.http.cookies.clear()
     again = await page.http.get(url)
@@ -183,7 +222,7 @@ async def test_link_works_once(page: Page) -> None:
 
 
 async def test_link_expires(page: Page) -> None:
-    url = page.service.link()["url"]
+    url = (await page.service.link())["url"]
     page.backend.now += page.service.gate.link_lifetime + 1
     assert (await page.http.get(url)).status_code == 403
     assert (await page.http.get(page.base + "/")).status_code == 401
@@ -380,3 +419,100 @@ async def test_queue_delete_asks_first_then_deletes_with_the_token(page: Page) -
     for path in ("/queue", "/queue/m2/delete"):
         page.http.cookies.clear()
         assert (await page.http.get(page.base + path)).status_code == 401
+
+
+async def signin_state(page: Page, csrf: str) -> str:
+    answer = await page.http.post(f"{page.base}/accounts/{ADDRESS}/signin", data={"csrf": csrf})
+    assert answer.status_code == 303
+    return re.search(r"state=([^&]+)", answer.headers["location"])[1]  # type: ignore[index]
+
+
+async def test_a_browser_sign_in_holds_the_account_lock_until_it_ends(page: Page) -> None:
+    csrf = await page.sign_in()
+    first = await signin_state(page, csrf)
+    assert page.backend.held == {ADDRESS}
+    shown = (await page.http.get(f"{page.base}/accounts/{ADDRESS}")).text
+    assert "a browser sign-in started just now waits for" in shown
+    assert "<code>mailproxy authorize</code> cannot sign this account in" in shown
+    assert f"It comes back to <code>{page.base}/oauth/callback</code>" in shown
+    second = await signin_state(page, csrf)  # pressed again: the new one wins, one lock
+    assert page.backend.held == {ADDRESS}
+    async with httpx.AsyncClient() as browser:
+        stale = await browser.get(f"{page.base}/oauth/callback?state={first}&code=c0")
+        assert stale.status_code == 400
+        assert page.backend.held == {ADDRESS}
+        done = await browser.get(f"{page.base}/oauth/callback?state={second}&code=c1")
+        assert "Sign-in finished" in done.text
+    assert page.backend.held == set()
+    # A provider's refusal ends it too, and so does a failed code exchange.
+    state = await signin_state(page, csrf)
+    await page.http.get(f"{page.base}/oauth/callback?state={state}&error=access_denied")
+    assert page.backend.held == set()
+    state = await signin_state(page, csrf)
+    await page.http.get(f"{page.base}/oauth/callback?state={state}&code=bad")
+    assert page.backend.held == set()
+    assert "invalid_grant" in (await page.http.get(f"{page.base}/accounts/{ADDRESS}")).text
+
+
+async def test_a_sign_in_nobody_finishes_lets_go_of_the_lock(page: Page) -> None:
+    csrf = await page.sign_in()
+    state = await signin_state(page, csrf)
+    page.backend.now += 14 * 60
+    page.service.sweep()
+    assert page.backend.held == {ADDRESS}
+    page.backend.now += 2 * 60
+    page.service.sweep()  # the page's own task does this every few seconds
+    assert page.backend.held == set()
+    late = await page.http.get(f"{page.base}/oauth/callback?state={state}&code=c1")
+    assert late.status_code == 400 and page.backend.codes == []
+    # Or the person cancels it on the page.
+    await signin_state(page, csrf)
+    answer = await page.http.post(f"{page.base}/accounts/{ADDRESS}/signin/cancel",
+                                  data={"csrf": csrf})
+    assert answer.status_code == 303 and page.backend.held == set()
+    shown = (await page.http.get(f"{page.base}/accounts/{ADDRESS}")).text
+    assert "the sign-in was cancelled; nothing changed" in shown and "Waiting:" not in shown
+
+
+async def test_a_lock_held_elsewhere_is_said_on_the_page(page: Page) -> None:
+    csrf = await page.sign_in()
+    page.backend.busy = (f"`mailproxy authorize {ADDRESS}` is running (pid 4242); finish or "
+                         "stop it first, then try again here")
+    answer = await page.http.post(f"{page.base}/accounts/{ADDRESS}/signin", data={"csrf": csrf})
+    assert answer.headers["location"] == f"/accounts/{ADDRESS}"  # not to the provider
+    shown = (await page.http.get(f"{page.base}/accounts/{ADDRESS}")).text
+    assert "Failed:" in shown and "`mailproxy authorize alice@example.test` is running " \
+        "(pid 4242)" in shown
+    assert page.service.code_signins == {}
+
+
+async def test_a_device_sign_in_holds_the_lock_and_can_be_cancelled(page: Page) -> None:
+    csrf = await page.sign_in()
+    original = page.backend.accounts
+
+    async def device_accounts() -> list[AccountView]:
+        from dataclasses import replace
+        return [replace(a, flow="device_code") for a in await original()]
+
+    page.backend.accounts = device_accounts  # type: ignore[method-assign]
+    url = f"{page.base}/accounts/{ADDRESS}/signin"
+    await page.http.post(url, data={"csrf": csrf})
+    await asyncio.sleep(0)
+    assert page.backend.held == {ADDRESS}
+    shown = (await page.http.get(f"{page.base}/accounts/{ADDRESS}/device")).text
+    assert "Cancel this sign-in" in shown
+    await page.http.post(url, data={"csrf": csrf})  # again: the first is stopped first
+    assert page.backend.held == {ADDRESS}
+    await page.http.post(url + "/cancel", data={"csrf": csrf})
+    assert page.backend.held == set()
+    answer = await page.http.get(f"{page.base}/accounts/{ADDRESS}/device")
+    assert answer.headers["location"] == f"/accounts/{ADDRESS}"
+    await page.http.post(url, data={"csrf": csrf})
+    await asyncio.sleep(0)
+    page.backend.device_release.set()
+    for _ in range(50):
+        if not page.backend.held:
+            break
+        await asyncio.sleep(0.01)
+    assert page.backend.held == set()
+    assert "is authorized" in (await page.http.get(f"{page.base}/accounts/{ADDRESS}")).text

@@ -155,20 +155,28 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert "--config" in capsys.readouterr().out
 
 
-def test_admin_listen_default_off_and_loopback_only(tmp_path: Path) -> None:
+def test_admin_listen_and_its_tls(tmp_path: Path) -> None:
     settings, _ = load_config(write(tmp_path, ""))
-    assert settings.admin.listen == "127.0.0.1:8025"
+    assert settings.admin.listen == "127.0.0.1:8025" and settings.admin.tls == "auto"
+    assert not settings.admin.use_tls  # loopback http stays the default
     settings, _ = load_config(write(tmp_path, '[admin]\nlisten = ""\n'))
-    assert settings.admin.listen == ""
+    assert settings.admin.listen == "" and not settings.admin.use_tls
     for ok in ("localhost:8025", "[::1]:9000", "127.0.0.2:0"):
         settings, _ = load_config(write(tmp_path, f'[admin]\nlisten = "{ok}"\n'))
-        assert settings.admin.listen == ok
-    for bad in ("0.0.0.0:8025", "192.0.2.1:8025", "admin.example.org:443"):
-        with pytest.raises(ConfigError, match=r"admin\.listen: .*not a loopback address.*"
-                                              r"without TLS"):
-            load_config(write(tmp_path, f'[admin]\nlisten = "{bad}"\n'))
+        assert settings.admin.listen == ok and not settings.admin.use_tls
+        settings, _ = load_config(write(tmp_path, f'[admin]\nlisten = "{ok}"\ntls = true\n'))
+        assert settings.admin.use_tls
+    for lan in ("0.0.0.0:8025", "192.0.2.1:8025", "admin.example.org:443", "[::]:8025"):
+        for tls in ("", "tls = true\n", 'tls = "auto"\n'):
+            settings, _ = load_config(write(tmp_path, f'[admin]\nlisten = "{lan}"\n{tls}'))
+            assert settings.admin.use_tls, (lan, tls)
+        with pytest.raises(ConfigError, match=r"admin: listen = '.*' is not a loopback address "
+                                              r"and tls = false: .* served over TLS only"):
+            load_config(write(tmp_path, f'[admin]\nlisten = "{lan}"\ntls = false\n'))
     with pytest.raises(ConfigError, match=r"admin\.listen: expected 'host:port'"):
         load_config(write(tmp_path, '[admin]\nlisten = "8025"\n'))
+    with pytest.raises(ConfigError, match=r"admin\.tls"):
+        load_config(write(tmp_path, '[admin]\ntls = "sometimes"\n'))
 
 
 def test_tls_keys_defaults_and_overrides(tmp_path: Path) -> None:

@@ -39,6 +39,8 @@
       done = true;
       device.className = device.className.replace(/state-\w+/, cls);
       state.textContent = text;
+      var cancel = device.querySelector("[data-cancel]");
+      if (cancel) { cancel.hidden = true; }
     }
     var tick = setInterval(function () {
       if (done) { clearInterval(tick); return; }
