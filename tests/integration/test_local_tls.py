@@ -320,8 +320,17 @@ async def test_tls10_client_refused_by_default_accepted_when_enabled(
     settings = setup(harness, mail_user)
     async with harness.run(settings) as daemon:
         ca, _ = trust(settings, tmp_path)
-        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        # Refused with the TLS alert that says why, not a reset or a bare close.
+        with pytest.raises(ssl.SSLError, match="TLSV1_ALERT_PROTOCOL_VERSION"):
             await blocking(tls10_login, daemon.address("imaps")[1], ca, mail_user)
+        if shutil.which("openssl"):
+            for extra, proto in (([], "imaps"), (["-starttls", "imap"], "imap")):
+                code, out = await run_tool(
+                    "openssl", "s_client", "-connect",
+                    f"127.0.0.1:{daemon.address(proto)[1]}", *extra, "-tls1_1", "-cipher",
+                    "DEFAULT@SECLEVEL=0", "-CAfile", str(ca), stdin=b"")
+                assert code != 0 and b"alert protocol version" in out, out
+                assert b"unexpected eof" not in out and b"reset" not in out, out
     settings.imap.tls_min_version = "1.0"
     async with harness.run(settings) as daemon:
         assert await blocking(tls10_login, daemon.address("imaps")[1], ca,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import shutil
 import smtplib
 import socket
@@ -153,12 +154,21 @@ async def test_smtp_starttls_injection_never_authenticates(
 
 
 async def test_openssl_and_curl_smtps(harness: SmtpHarness, mail_user: str,
-                                      tmp_path: Path) -> None:
+                                      tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _require(shutil.which("openssl") is not None, "openssl is not installed")
+    caplog.set_level(logging.INFO, logger="mailproxy")
     settings = setup(harness, mail_user)
     body = message(mail_user, mail_user, b"sent by curl over smtps\r\n", "curl")
     async with harness.run(settings) as daemon:
         ca, _ = trust(settings, tmp_path)
+        # TLS 1.1 is refused with the alert that says so; a line in the log, no traceback.
+        for extra, proto in ((["-starttls", "smtp"], "smtp"), ([], "smtps")):
+            code, out = await run_tool(
+                "openssl", "s_client", "-connect", f"127.0.0.1:{daemon.address(proto)[1]}",
+                *extra, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0", "-CAfile", str(ca))
+            assert code != 0 and b"alert protocol version" in out, out
+        assert "smtp: TLS handshake with 127.0.0.1 failed" in caplog.text
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
         code, out = await run_tool(
             "openssl", "s_client", "-connect", f"127.0.0.1:{daemon.address('smtp')[1]}",
             "-starttls", "smtp", "-CAfile", str(ca), "-verify_return_error", "-ign_eof",
