@@ -8,7 +8,9 @@ buffer: the client never gets the alert, only an EOF it reports as "unexpected e
 when it had sent more, which the kernel answers with RST when a socket is closed unread).
 
 Here the alert goes out, then a FIN; what the client still sends is read and dropped until it
-closes its side too (at most ``LINGER`` seconds), so the alert is not lost to a reset.
+closes its side too (at most ``LINGER`` seconds), so the alert is not lost to a reset. Whoever
+waits for the handshake (``start_tls``, a listener's accept) hears of the failure only then:
+``start_tls`` closes the socket as soon as it does.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class AlertingSSLProtocol(_Base):  # type: ignore[misc]  # asyncio.sslproto is u
     _handshake_failing = False
     _after_alert = False
     _linger: asyncio.TimerHandle | None = None
+    _held: BaseException | None = None  # the handshake's error, told at the close
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         self._handshake_failing = handshake_exc is not None
@@ -59,6 +62,12 @@ class AlertingSSLProtocol(_Base):  # type: ignore[misc]  # asyncio.sslproto is u
         transport.resume_reading()  # to see the client's EOF (and drop what comes before it)
         self._linger = self._loop.call_later(LINGER, transport.abort)
 
+    def _wakeup_waiter(self, exc: BaseException | None = None) -> None:
+        if self._after_alert and exc is not None and self._transport is not None:
+            self._held = exc
+            return
+        super()._wakeup_waiter(exc)
+
     def buffer_updated(self, nbytes: int) -> None:
         if self._after_alert:
             return  # dropped: the connection is ending
@@ -74,5 +83,8 @@ class AlertingSSLProtocol(_Base):  # type: ignore[misc]  # asyncio.sslproto is u
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
+        if self._held is not None:
+            held, self._held = self._held, None
+            super()._wakeup_waiter(held)
         super().connection_lost(exc)
 

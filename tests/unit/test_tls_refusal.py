@@ -9,6 +9,7 @@ import asyncio.sslproto
 import datetime as dt
 import socket
 import ssl
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,6 +71,13 @@ def refused_client(port: int, before: bytes, extra: int) -> tuple[bytes, str]:
             sock.sendall(tls10_client_hello() + b"x" * extra)
             while chunk := sock.recv(4096):
                 got += chunk
+            # The server still reads (and drops) what comes after its FIN: sent to a closed
+            # socket, this would be answered with a reset.
+            time.sleep(0.2)
+            sock.sendall(b"y" * 1000)
+            time.sleep(0.1)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(10) == b""
         except (ConnectionResetError, BrokenPipeError):
             return got, "reset"
         return got, "eof"
