@@ -117,20 +117,6 @@ class ServerTls:
         """The context for new connections now (no check of the files)."""
         return self._contexts[min_version]
 
-    def listener_context(self, min_version: TlsVersion) -> ssl.SSLContext:
-        """For a listener that takes one context for good (``create_server(ssl=...)``): it
-        carries the version settings and, at each ClientHello, hands the connection over to
-        the current context (``sni_callback`` runs for every ClientHello, with or without a
-        server name), so a new certificate reaches the next connection all the same."""
-        outer = build_server_context([], min_version)
-
-        def use_current(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None,
-                        context: ssl.SSLContext) -> None:
-            obj.context = self._contexts[min_version]
-
-        outer.sni_callback = use_current
-        return outer
-
     async def context(self, min_version: TlsVersion) -> ssl.SSLContext:
         """The context for a new connection, after a look at the files when the last one is
         more than ``check_every`` seconds old."""
