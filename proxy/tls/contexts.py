@@ -3,7 +3,7 @@ certificate changes on disk (a configured one replaced by ACME, or ours re-issue
 
 A context in use is never changed: a change builds new ones, and each new connection asks for
 the current one. Stamps (inode, mtime) are compared at most every ``check_every`` seconds when a
-connection asks, and by ``run`` on a timer; loading and key parsing happen in a thread.
+connection asks, and by the daemon on a timer; loading and key parsing happen in a thread.
 """
 
 from __future__ import annotations
@@ -142,12 +142,6 @@ class ServerTls:
                 return False
             self._contexts = contexts
             return True
-
-    async def run(self, interval: float = 60.0) -> None:
-        """Check on a timer too, so renewal and a replaced file do not wait for a client."""
-        while True:
-            await asyncio.sleep(interval)
-            await self.refresh()
 
     def _reload(self, first: bool) -> dict[TlsVersion, ssl.SSLContext] | None:
         """In a thread: renew if due, then build new contexts if the files changed."""
