@@ -467,10 +467,11 @@ class Daemon:
     async def _release_memory(self) -> None:
         """Hand memory freed by ended sessions back to the system now and then, so RSS goes
         back down after a crowd of clients leaves."""
+        smtp_ended = self.smtp.ended
         while True:
             await asyncio.sleep(MEMORY_RELEASE_INTERVAL)
-            if self._ended_count:
-                self._ended_count = 0
+            if self._ended_count or self.smtp.ended != smtp_ended:
+                self._ended_count, smtp_ended = 0, self.smtp.ended
                 await asyncio.to_thread(release_free_memory)
 
     async def _guard(self, proto: str, session: Session, conn: Conn, tls: ClientTls) -> None:

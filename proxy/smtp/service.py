@@ -44,6 +44,7 @@ class SmtpService:
         self.tls = tls
         self.hostname = socket.gethostname() or "localhost"
         self.fronts: set[SmtpFront] = set()
+        self.ended = 0  # connections ended, for the daemon's memory release
         self._handshakes: set[asyncio.Task[None]] = set()  # implicit TLS, before the front
         self.pool: SessionPool[SmtpUpstreamSession] = SessionPool(
             idle_timeout=settings.smtp.upstream_pool_idle)
@@ -108,10 +109,13 @@ class SmtpService:
             listener = self.settings.smtp
             tls = {"tls_context": self.tls.current(listener.tls_min_version),
                    "tls_required": listener.plain_requires_tls}
-        front = SmtpFront(self.settings, self.hostname, self,
-                          self.fronts.discard, self.limits, **tls)
+        front = SmtpFront(self.settings, self.hostname, self, self._lost, self.limits, **tls)
         self.fronts.add(front)
         return front
+
+    def _lost(self, front: SmtpFront) -> None:
+        self.fronts.discard(front)
+        self.ended += 1
 
     async def start(self, host: str, port: int, backlog: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()

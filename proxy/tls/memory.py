@@ -25,6 +25,7 @@ import sys
 import threading
 from typing import Any
 
+from ..net import release_transport
 from .refusal import AlertingSSLProtocol
 
 log = logging.getLogger("mailproxy")
@@ -54,6 +55,10 @@ class SharedBufferSSLProtocol(AlertingSSLProtocol):
         super().__init__(*args, **kwargs)
         self._ssl_buffer = _shared_buffer()
         self._ssl_buffer_view = memoryview(self._ssl_buffer)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        release_transport(self._transport)  # the TCP transport under TLS (net.py says why)
+        super().connection_lost(exc)
 
 
 def _compatible() -> bool:
