@@ -94,7 +94,9 @@ class Environment:
             self.tmp, "imap", self.ports["plain"], USER, LOCAL_PASSWORD, self.token_server,
             self.ca.ca_cert, {"imap_server": f'"127.0.0.1:{self.dovecot.imaps_port}"',
                               "imap_tls": '"implicit"'},
-            {"tls_listen": f'"127.0.0.1:{self.ports["tls"]}"'})
+            # One client address opens them all: no per-address (512) or total (1,000) cap.
+            {"tls_listen": f'"127.0.0.1:{self.ports["tls"]}"', "max_connections": "0",
+             "max_connections_per_ip": "0"})
 
     def server_log_tail(self) -> str:
         return self.dovecot.log_tail() if self.dovecot is not None else ""

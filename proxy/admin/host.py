@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import Account, Settings, parse_hostport
 from ..queue import admin as queue_admin
+from ..tls.contexts import following_context
 from ..tls.show import ShowError, export_ca, summaries
 from ..tokens.flows import (
     DeviceCode,
@@ -82,7 +83,10 @@ def admin_service(daemon: Daemon) -> AdminService | None:
     from .service import AdminService
 
     host, port = parse_hostport(settings.listen)
-    context = daemon.tls.listener_context(ADMIN_TLS_VERSION) if settings.use_tls else None
+    context = None
+    if settings.use_tls:  # the daemon's contexts of the moment (a reload may replace them)
+        context = following_context(lambda: daemon.tls.current(ADMIN_TLS_VERSION),
+                                    ADMIN_TLS_VERSION)
     return AdminService(DaemonBackend(daemon), host, port, app_factory=make_app,
                         ssl_context=context)
 

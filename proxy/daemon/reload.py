@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..config import Account, ConfigError, Settings
+from ..config import Account, ConfigError, Settings, TlsVersion
 from ..login import Gate
+from ..tls.contexts import ServerTls, TlsSetupError
+from .startup import StartupError
 from .systemd import SystemdNotifier
 
 log = logging.getLogger("mailproxy.reload")
@@ -40,12 +42,30 @@ class Daemon(Protocol):
 
     async def restart_metrics(self, listen: str) -> None: ...
 
-    def apply_settings(self, settings: Settings,
-                       opened: Mapping[str, asyncio.Server]) -> None: ...
+    async def prepare_tls(self, settings: Settings) -> ServerTls: ...
+
+    def apply_settings(self, settings: Settings, opened: Mapping[str, asyncio.Server],
+                       tls: ServerTls | None = None) -> None: ...
 
     def open_vaults(self, accounts: Sequence[Account]) -> None: ...
 
     async def replace_notifier(self, settings: Settings) -> None: ...
+
+
+def listeners(settings: Settings) -> dict[str, str]:
+    """Every listener to bind: ``{"imap": "host:port", "imaps": ..., ...}`` ("imaps", "pop3s",
+    "smtps": a protocol's implicit-TLS listener, when its ``tls_listen`` is set)."""
+    out = {}
+    for proto in PROTOCOLS:
+        listener = getattr(settings, proto)
+        out[proto] = listener.listen
+        if listener.tls_listen:
+            out[proto + "s"] = listener.tls_listen
+    return out
+
+
+def tls_versions(settings: Settings) -> set[TlsVersion]:
+    return {getattr(settings, proto).tls_min_version for proto in PROTOCOLS}
 
 
 class ReloadRefused(Exception):
@@ -56,16 +76,21 @@ class ReloadRefused(Exception):
 class Changes:
     """What differs between the running settings and the new ones."""
 
-    listeners: dict[str, tuple[str, str]] = field(default_factory=dict)  # proto: (old, new)
+    # Listener ("imap", "imaps", ...): (old address, new address), "" for none.
+    listeners: dict[str, tuple[str, str]] = field(default_factory=dict)
     added: list[Account] = field(default_factory=list)
     removed: list[Account] = field(default_factory=list)
     changed: list[Account] = field(default_factory=list)
     restart: list[str] = field(default_factory=list)
     sections: list[str] = field(default_factory=list)  # other sections that changed
+    # New server TLS contexts needed: [tls] changed, or a tls_min_version not served yet.
+    new_tls: bool = False
 
     def describe(self) -> list[str]:
-        out = [f"{proto} listener moved from {old} to {new}"
-               for proto, (old, new) in self.listeners.items()]
+        out = [f"{name} listener moved from {old} to {new}" if old and new
+               else f"{name} listener opened on {new}" if new
+               else f"{name} listener on {old} closed"
+               for name, (old, new) in self.listeners.items()]
         out += [f"account {a.address} added" for a in self.added]
         out += [f"account {a.address} removed" for a in self.removed]
         out += [f"account {a.address} changed" for a in self.changed]
@@ -79,13 +104,19 @@ def diff(old: Settings, new: Settings) -> Changes:
     for key in RESTART_KEYS:
         if getattr(old, key) != getattr(new, key):
             changes.restart.append(key)
+    bound, wanted_bound = listeners(old), listeners(new)
+    for name in dict.fromkeys([*bound, *wanted_bound]):
+        if bound.get(name, "") != wanted_bound.get(name, ""):
+            changes.listeners[name] = (bound.get(name, ""), wanted_bound.get(name, ""))
+    addresses = {"listen": "", "tls_listen": ""}
     for proto in PROTOCOLS:
+        # require_tls and tls_min_version apply to the next connection, like the limits.
         before, after = getattr(old, proto), getattr(new, proto)
-        if before.listen != after.listen:
-            changes.listeners[proto] = (before.listen, after.listen)
-        if before.model_copy(update={"listen": ""}) != after.model_copy(update={"listen": ""}):
+        if before.model_copy(update=addresses) != after.model_copy(update=addresses):
             changes.sections.append(proto)
-    for name in ("tokens", "notify", "metrics", "shutdown_grace", "log_level"):
+    # The running contexts serve the versions of the running settings (or more).
+    changes.new_tls = old.tls != new.tls or not tls_versions(new) <= tls_versions(old)
+    for name in ("tls", "tokens", "notify", "metrics", "shutdown_grace", "log_level"):
         if getattr(old, name) != getattr(new, name):
             changes.sections.append(name)
     running = {a.key: a for a in old.accounts}
@@ -154,8 +185,17 @@ class Reloader:
             raise ReloadRefused("changing " + ", ".join(changes.restart) + " needs a restart "
                                 "(systemctl restart mailproxy)")
         # Everything that can fail comes first; the rest cannot.
-        opened = await daemon.bind_listeners(
-            {proto: new_listen for proto, (_, new_listen) in changes.listeners.items()}, new)
+        tls = None
+        if changes.new_tls:
+            try:
+                tls = await daemon.prepare_tls(new)
+            except TlsSetupError as exc:
+                raise ReloadRefused(str(exc)) from None
+        try:
+            opened = await daemon.bind_listeners(
+                {name: where for name, (_, where) in changes.listeners.items() if where}, new)
+        except StartupError as exc:
+            raise ReloadRefused(str(exc)) from None
         try:
             if "metrics" in changes.sections:
                 await daemon.restart_metrics(new.metrics.listen)
@@ -164,7 +204,7 @@ class Reloader:
                 server.close()
             raise ReloadRefused(f"cannot listen on {new.metrics.listen} for metrics: "
                                 f"{exc.strerror or exc}") from None
-        daemon.apply_settings(new, opened)
+        daemon.apply_settings(new, opened, tls)
         tokens = daemon.gate.tokens
         await tokens.reconfigure(new.accounts, new.tokens,
                                  failure_threshold=new.notify.failure_threshold,

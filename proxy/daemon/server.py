@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from .. import __version__, logs
 from ..admin.host import ADMIN_TLS_VERSION, admin_service
 from ..admin.model import LINK_COMMAND
-from ..config import Account, Settings, is_loopback_host, load_config, parse_hostport
+from ..config import Account, Settings, TlsVersion, load_config, parse_hostport
 from ..login import Gate, authorize_hint
 from ..net import Conn, peer_host
 from ..tls.contexts import ServerTls, startup_warnings
@@ -34,7 +34,7 @@ from .control import AlreadyRunning, ControlError, ControlServer
 from .limits import ConnectionLimits, QuietResourceErrors, refuse
 from .metrics import Metrics, MetricsServer
 from .notify import Event, EventName, Notifier, event_key
-from .reload import Loader, Reloader
+from .reload import Loader, Reloader, listeners, tls_versions
 from .startup import EXIT_CONFIG, EXIT_CONFLICT, StartupError, bind_error, check_state_dir
 from .systemd import SystemdNotifier
 
@@ -48,6 +48,8 @@ LISTEN_BACKLOG = 4096
 # Everything from SIGTERM to exit fits in this (the unit's TimeoutStopSec is 20 s): sessions get
 # `shutdown_grace`, then a token request on the wire gets what is left.
 STOP_BUDGET = 18.0
+# How often the TLS certificate files are looked at without a connection asking.
+TLS_CHECK_INTERVAL = 60.0
 # How often freed memory is handed back to the system, when sessions ended since.
 MEMORY_RELEASE_INTERVAL = 60.0
 
@@ -93,10 +95,7 @@ class Daemon:
         self.systemd = SystemdNotifier(env)
         self.reloader = Reloader(self, loader or (lambda: load_config(config_path)[0]))
         self._retired_notifiers: list[Notifier] = []
-        # The three protocols' oldest TLS versions, and the admin page's.
-        self.tls = ServerTls(settings, versions=(
-            settings.imap.tls_min_version, settings.pop3.tls_min_version,
-            settings.smtp.tls_min_version, ADMIN_TLS_VERSION))
+        self.tls = ServerTls(settings, versions=_tls_versions(settings))
         self.smtp.tls = self.tls
         self.admin = admin_service(self)
         self.queue: QueueService | None = None
@@ -153,8 +152,7 @@ class Daemon:
             log.warning("%s", warning)
         await self.tls.start()
         try:
-            self.servers.update(await self.bind_listeners(listeners(settings), settings,
-                                                          startup=True))
+            self.servers.update(await self.bind_listeners(listeners(settings), settings))
             if settings.metrics.listen:
                 await self.metrics_server.start(settings.metrics.listen)
         except BaseException:
@@ -169,7 +167,7 @@ class Daemon:
             background = [tg.create_task(self.gate.tokens.run(), name="token-refresher"),
                           tg.create_task(self.reloader.run(), name="reloader"),
                           tg.create_task(self.systemd.run(self.status_line), name="systemd"),
-                          tg.create_task(self.tls.run(), name="tls-reload"),
+                          tg.create_task(self._check_certificates(), name="tls-reload"),
                           tg.create_task(self._release_memory(), name="memory-release")]
             if self.admin is not None:
                 await self.admin.start()
@@ -198,17 +196,17 @@ class Daemon:
         for notifier in [*self._retired_notifiers, self.notifier]:
             await notifier.aclose()
 
-    async def bind_listeners(self, listen: Mapping[str, str], settings: Settings, *,
-                             startup: bool = False) -> dict[str, asyncio.Server]:
-        """Listening servers for ``{proto: "host:port"}``; all or none (OSError, or at
-        ``startup`` a StartupError naming the listener and what to do)."""
+    async def bind_listeners(self, listen: Mapping[str, str],
+                             settings: Settings) -> dict[str, asyncio.Server]:
+        """Listening servers for ``{name: "host:port"}`` ("imap", "imaps", ...); all or none
+        (a StartupError naming the listener and what to do)."""
         from ..sessions.imap import imap_session
         from ..sessions.pop3 import pop3_session
 
         sessions: dict[str, Session] = {"imap": imap_session, "pop3": pop3_session}
         loop = asyncio.get_running_loop()
         opened: dict[str, asyncio.Server] = {}
-        proto, host, port = "", "", 0
+        name, host, port = "", "", 0
         try:
             for name, where in listen.items():
                 # "imaps", "pop3s", "smtps": the implicit-TLS listener of that protocol.
@@ -220,30 +218,40 @@ class Daemon:
                     start = self.smtp.start_implicit if implicit else self.smtp.start
                     opened[name] = await start(host, port, backlog=LISTEN_BACKLOG)
                     continue
-                listener = getattr(settings, proto)
-                tls = ClientTls(self.tls, listener.tls_min_version, implicit=implicit,
-                                required=implicit or listener.plain_requires_tls)
                 opened[name] = await loop.create_server(
-                    self._factory(proto, sessions[proto], tls), host, port,
+                    self._factory(proto, sessions[proto], implicit), host, port,
                     backlog=LISTEN_BACKLOG, reuse_address=True)
         except OSError as exc:
             for server in opened.values():
                 server.close()
-            if startup:
-                raise bind_error(proto, host, port, exc) from None
-            raise
+            raise bind_error(name, host, port, exc) from None
         return opened
 
-    def apply_settings(self, settings: Settings, opened: Mapping[str, asyncio.Server]) -> None:
-        """A reload's commit: new sessions get ``settings``; moved listeners are swapped
-        (sessions accepted by the old one go on)."""
+    async def prepare_tls(self, settings: Settings) -> ServerTls:
+        """Server contexts for ``settings`` (a reload's [tls] or a new tls_min_version);
+        raises TlsSetupError."""
+        tls = ServerTls(settings, versions=_tls_versions(settings))
+        await tls.start()
+        return tls
+
+    def apply_settings(self, settings: Settings, opened: Mapping[str, asyncio.Server],
+                       tls: ServerTls | None = None) -> None:
+        """A reload's commit: new sessions get ``settings`` (and ``tls``, new contexts); moved
+        listeners are swapped, those no longer configured closed (sessions accepted by an old
+        one go on)."""
         self.settings = self.gate.settings = self.smtp.settings = settings
-        for proto, server in opened.items():
-            old = self.servers.get(proto)
-            self.servers[proto] = server
+        if tls is not None:
+            self.tls = self.smtp.tls = tls
+        for name, server in opened.items():
+            old = self.servers.get(name)
+            self.servers[name] = server
             if old is not None:
                 old.close()
-            log.info("%s listening on %s:%d", proto, *self.address(proto))
+            log.info("%s listening on %s:%d", name, *self.address(name))
+        wanted = listeners(settings)
+        for name in [name for name in self.servers if name not in wanted]:
+            self.servers.pop(name).close()
+            log.info("%s listener closed", name)
         logging.getLogger("mailproxy").setLevel(settings.log_level.upper())
 
     async def restart_metrics(self, listen: str) -> None:
@@ -398,13 +406,10 @@ class Daemon:
         """What a person checks first in a log: which build, which files, which listeners."""
         log.info("mailproxy %s starting: configuration %s, state directory %s", __version__,
                  self.config_path or "(none: built-in defaults)", self.settings.state_dir)
-        for proto in self.servers:
-            host, port = self.address(proto)
-            log.info("%s listening on %s:%d", proto, host, port)
-            if not is_loopback_host(host):
-                log.warning("%s listens on %s, not on loopback: clients send their local "
-                            "password there in plain text; keep it on 127.0.0.1 unless a "
-                            "firewall or a container keeps others out", proto, host)
+        for name in self.servers:
+            # Off loopback, passwords in the clear are refused (require_tls = "auto"), or
+            # tls.contexts.startup_warnings has said that they are not.
+            log.info("%s listening on %s:%d", name, *self.address(name))
         for account in self.settings.accounts:
             protocols = ", ".join(f"{p} via {s.host}:{s.port}" for p in ("imap", "pop3", "smtp")
                                   if (s := account.server(p)) is not None)
@@ -435,9 +440,13 @@ class Daemon:
                 log.warning("account %s is not authorized (%s): %s", account.address,
                             status["needs_authorization"], authorize_hint(account))
 
-    def _factory(self, proto: str, session: Session, tls: ClientTls) -> Callable[[], Conn]:
+    def _factory(self, proto: str, session: Session, implicit: bool) -> Callable[[], Conn]:
         def make() -> Conn:
-            conn = Conn(tls_first=tls.implicit)
+            # The TLS settings of this moment: a reload reaches the next connection.
+            listener = getattr(self.settings, proto)
+            tls = ClientTls(self.tls, listener.tls_min_version, implicit=implicit,
+                            required=implicit or listener.plain_requires_tls)
+            conn = Conn(tls_first=implicit)
             task = asyncio.get_running_loop().create_task(
                 self._guard(proto, session, conn, tls))
             self._sessions.add(task)
@@ -450,13 +459,21 @@ class Daemon:
         self._sessions.discard(task)
         self._ended_count += 1
 
+    async def _check_certificates(self) -> None:
+        """Renewal and a replaced file do not wait for a client (the contexts of now: a
+        reload may replace them)."""
+        while True:
+            await asyncio.sleep(TLS_CHECK_INTERVAL)
+            await self.tls.refresh()
+
     async def _release_memory(self) -> None:
         """Hand memory freed by ended sessions back to the system now and then, so RSS goes
         back down after a crowd of clients leaves."""
+        smtp_ended = self.smtp.ended
         while True:
             await asyncio.sleep(MEMORY_RELEASE_INTERVAL)
-            if self._ended_count:
-                self._ended_count = 0
+            if self._ended_count or self.smtp.ended != smtp_ended:
+                self._ended_count, smtp_ended = 0, self.smtp.ended
                 await asyncio.to_thread(release_free_memory)
 
     async def _guard(self, proto: str, session: Session, conn: Conn, tls: ClientTls) -> None:
@@ -508,15 +525,9 @@ class Daemon:
         await asyncio.gather(*pending, return_exceptions=True)
 
 
-def listeners(settings: Settings) -> dict[str, str]:
-    """Every listener to bind: ``{"imap": "host:port", "imaps": ..., ...}`` (TLS ones when set)."""
-    out = {}
-    for proto in ("imap", "pop3", "smtp"):
-        listener = getattr(settings, proto)
-        out[proto] = listener.listen
-        if listener.tls_listen:
-            out[proto + "s"] = listener.tls_listen
-    return out
+def _tls_versions(settings: Settings) -> list[TlsVersion]:
+    """The three protocols' oldest TLS versions, and the admin page's."""
+    return [*sorted(tls_versions(settings)), ADMIN_TLS_VERSION]
 
 
 def _notifier(settings: Settings) -> Notifier:

@@ -39,10 +39,11 @@ def check_state_dir(path: Path) -> None:
             "for the user mailproxy runs as, or set state_dir", EXIT_CONFIG) from None
 
 
-def bind_error(proto: str, host: str, port: int, exc: OSError) -> StartupError:
-    """A listener that cannot be bound, as one sentence naming it and what to do."""
-    where = f"the {proto} listener {host}:{port}"
-    key = f"[{proto}] listen"
+def bind_error(name: str, host: str, port: int, exc: OSError) -> StartupError:
+    """A listener that cannot be bound (``name``: "imap", or "imaps" for the implicit-TLS
+    one), as one sentence naming it and what to do."""
+    where = f"the {name} listener {host}:{port}"
+    key = f"[{name[:-1]}] tls_listen" if name.endswith("s") else f"[{name}] listen"
     if isinstance(exc, socket.gaierror):
         return StartupError(f"{where}: host {host!r} cannot be resolved ({exc.strerror}); set "
                             f"{key} to an IP address or a resolvable name", EXIT_CONFIG)

@@ -23,13 +23,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, AnyStr
 
-from aiosmtpd.smtp import MISSING, AuthResult, Session, syntax
+from aiosmtpd.smtp import MISSING, AuthResult, Session, TLSSetupException, syntax
 
 from .. import __version__, logs
 from ..config import Account, Device, Settings
 from ..daemon.limits import ConnectionLimits, refuse
 from ..login import Refusal
-from ..net import peer_host
+from ..net import describe_error, peer_host
 from ..observe import Observer
 from .data import Outcome, pump
 from .guard import GuardedSMTP
@@ -281,6 +281,12 @@ class SmtpFront(GuardedSMTP):
                             "bytes; nothing was sent", "5.3.4")
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # A refused handshake (an old TLS version, no common cipher) is the client's
+            # business, as on the IMAP and POP3 listeners; aiosmtpd closes the connection.
+            cause = error.__cause__ or error
+            log.info("smtp: TLS handshake with %s failed: %s", self.peer, describe_error(cause))
+            return "454 4.7.0 TLS handshake failed"
         log.error("smtp session error: %s", error, exc_info=error)
         # Never anything that could read as success: the client keeps the message and retries.
         return "451 4.3.0 Internal error in mailproxy; please try again"

@@ -7,13 +7,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..config import Account, Delivery, Device, Settings
 from ..daemon.limits import ConnectionLimits
 from ..login import Gate, Refusal
+from ..net import describe_error, peer_name
 from ..tls.contexts import ServerTls
+from ..tls.listener import HANDSHAKE_TIMEOUT, accept_implicit
 from .front import DEFAULT_SIZE, SmtpFront
 from .pool import SessionPool
 from .sessions import Opened
@@ -40,6 +44,8 @@ class SmtpService:
         self.tls = tls
         self.hostname = socket.gethostname() or "localhost"
         self.fronts: set[SmtpFront] = set()
+        self.ended = 0  # connections ended, for the daemon's memory release
+        self._handshakes: set[asyncio.Task[None]] = set()  # implicit TLS, before the front
         self.pool: SessionPool[SmtpUpstreamSession] = SessionPool(
             idle_timeout=settings.smtp.upstream_pool_idle)
 
@@ -103,10 +109,14 @@ class SmtpService:
             listener = self.settings.smtp
             tls = {"tls_context": self.tls.current(listener.tls_min_version),
                    "tls_required": listener.plain_requires_tls}
-        front = SmtpFront(self.settings, self.hostname, self,
-                          self.fronts.discard, self.limits, observer=self.gate.observer, **tls)
+        front = SmtpFront(self.settings, self.hostname, self, self._lost, self.limits,
+                          observer=self.gate.observer, **tls)
         self.fronts.add(front)
         return front
+
+    def _lost(self, front: SmtpFront) -> None:
+        self.fronts.discard(front)
+        self.ended += 1
 
     async def start(self, host: str, port: int, backlog: int) -> asyncio.Server:
         loop = asyncio.get_running_loop()
@@ -114,15 +124,41 @@ class SmtpService:
                                         reuse_address=True)
 
     async def start_implicit(self, host: str, port: int, backlog: int) -> asyncio.Server:
-        """The implicit-TLS listener (RFC 8314), the certificate current at each handshake."""
+        """The implicit-TLS listener (RFC 8314): accepted in the clear, each handshake with the
+        context current then (certificate on disk, ``tls_min_version`` after a reload)."""
         assert self.tls is not None
         loop = asyncio.get_running_loop()
-        context = self.tls.listener_context(self.settings.smtp.tls_min_version)
-        return await loop.create_server(lambda: self._make(implicit=True), host, port,
-                                        backlog=backlog, reuse_address=True, ssl=context)
+        return await loop.create_server(lambda: _TlsFirst(self._handshake), host, port,
+                                        backlog=backlog, reuse_address=True)
+
+    def _handshake(self, transport: asyncio.Transport) -> None:
+        task = asyncio.get_running_loop().create_task(self._implicit(transport))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _implicit(self, transport: asyncio.Transport) -> None:
+        assert self.tls is not None
+        peer = peer_name(transport)
+        try:
+            context = await self.tls.context(self.settings.smtp.tls_min_version)
+        except BaseException:
+            transport.abort()
+            raise
+        try:
+            await accept_implicit(transport, context, HANDSHAKE_TIMEOUT,
+                                  lambda: self._make(implicit=True))
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            log.info("smtp: TLS handshake with %s failed: %s", peer, describe_error(exc))
+        except Exception:
+            log.exception("smtp: implicit TLS connection from %s failed", peer)
+            transport.abort()
 
     async def drain(self, grace: float) -> None:
         """Let sessions in progress finish for ``grace`` seconds, then cut them off."""
+        handshakes = list(self._handshakes)
+        for handshake in handshakes:  # not a session yet: no grace
+            handshake.cancel()
+        await asyncio.gather(*handshakes, return_exceptions=True)
         tasks = {task for f in self.fronts if (task := f.session_task) is not None}
         pending: set[asyncio.Task[None]] = set()
         if tasks:
@@ -134,3 +170,16 @@ class SmtpService:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         self.pool.close()
+
+
+class _TlsFirst(asyncio.Protocol):
+    """An implicit-TLS connection until its handshake starts: the ClientHello stays in the
+    socket for the TLS layer (``tls.listener.accept_implicit``)."""
+
+    def __init__(self, start: Callable[[asyncio.Transport], None]) -> None:
+        self._start = start
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self._start(transport)

@@ -3,7 +3,7 @@ certificate changes on disk (a configured one replaced by ACME, or ours re-issue
 
 A context in use is never changed: a change builds new ones, and each new connection asks for
 the current one. Stamps (inode, mtime) are compared at most every ``check_every`` seconds when a
-connection asks, and by ``run`` on a timer; loading and key parsing happen in a thread.
+connection asks, and by the daemon on a timer; loading and key parsing happen in a thread.
 """
 
 from __future__ import annotations
@@ -62,6 +62,22 @@ def build_server_context(pairs: Iterable[Pair], min_version: TlsVersion) -> ssl.
     return context
 
 
+def following_context(current: Callable[[], ssl.SSLContext],
+                      min_version: TlsVersion) -> ssl.SSLContext:
+    """For a server that takes one context for good (aiohttp's ``TCPSite(ssl_context=...)``):
+    it carries the version settings and, at each ClientHello, hands the connection over to
+    ``current()`` (``sni_callback`` runs for every ClientHello, with or without a server
+    name), so a replaced certificate, or a reload's new contexts, reach the next connection."""
+    outer = build_server_context([], min_version)
+
+    def use_current(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None,
+                    context: ssl.SSLContext) -> None:
+        obj.context = current()
+
+    outer.sni_callback = use_current
+    return outer
+
+
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -117,20 +133,6 @@ class ServerTls:
         """The context for new connections now (no check of the files)."""
         return self._contexts[min_version]
 
-    def listener_context(self, min_version: TlsVersion) -> ssl.SSLContext:
-        """For a listener that takes one context for good (``create_server(ssl=...)``): it
-        carries the version settings and, at each ClientHello, hands the connection over to
-        the current context (``sni_callback`` runs for every ClientHello, with or without a
-        server name), so a new certificate reaches the next connection all the same."""
-        outer = build_server_context([], min_version)
-
-        def use_current(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None,
-                        context: ssl.SSLContext) -> None:
-            obj.context = self._contexts[min_version]
-
-        outer.sni_callback = use_current
-        return outer
-
     async def context(self, min_version: TlsVersion) -> ssl.SSLContext:
         """The context for a new connection, after a look at the files when the last one is
         more than ``check_every`` seconds old."""
@@ -156,12 +158,6 @@ class ServerTls:
                 return False
             self._contexts = contexts
             return True
-
-    async def run(self, interval: float = 60.0) -> None:
-        """Check on a timer too, so renewal and a replaced file do not wait for a client."""
-        while True:
-            await asyncio.sleep(interval)
-            await self.refresh()
 
     def _reload(self, first: bool) -> dict[TlsVersion, ssl.SSLContext] | None:
         """In a thread: renew if due, then build new contexts if the files changed."""

@@ -25,6 +25,9 @@ import sys
 import threading
 from typing import Any
 
+from ..net import release_transport
+from .refusal import AlertingSSLProtocol
+
 log = logging.getLogger("mailproxy")
 
 _Base: Any = asyncio.sslproto.SSLProtocol
@@ -40,8 +43,9 @@ def _shared_buffer() -> bytearray:
     return buffer
 
 
-class SharedBufferSSLProtocol(_Base):  # type: ignore[misc]  # asyncio.sslproto is untyped
-    """``SSLProtocol`` receiving into its thread's buffer instead of one of its own."""
+class SharedBufferSSLProtocol(AlertingSSLProtocol):
+    """``SSLProtocol`` receiving into its thread's buffer instead of one of its own (and
+    ending a failed handshake with its alert: ``refusal``)."""
 
     # Sizes the base class's own buffer (dropped below) and each decrypted read; the socket
     # read takes the whole shared buffer (get_buffer hands out all of it, as before).
@@ -51,6 +55,10 @@ class SharedBufferSSLProtocol(_Base):  # type: ignore[misc]  # asyncio.sslproto 
         super().__init__(*args, **kwargs)
         self._ssl_buffer = _shared_buffer()
         self._ssl_buffer_view = memoryview(self._ssl_buffer)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        release_transport(self._transport)  # the TCP transport under TLS (net.py says why)
+        super().connection_lost(exc)
 
 
 def _compatible() -> bool:
@@ -63,7 +71,8 @@ def _compatible() -> bool:
 
 def share_tls_read_buffer() -> bool:
     """Make every asyncio TLS connection created from now on (listeners, ``start_tls``,
-    upstream legs, the HTTP client) use its thread's shared read buffer. Idempotent; False
+    upstream legs, the HTTP client) use its thread's shared read buffer, and send the alert
+    of a handshake that fails (``refusal.AlertingSSLProtocol``). Idempotent; False
     when this Python's asyncio is not the one this was written for (then nothing changes)."""
     if asyncio.sslproto.SSLProtocol is SharedBufferSSLProtocol:
         return True

@@ -1,6 +1,7 @@
 """Local TLS end to end, IMAP and POP3: real clients (imaplib, poplib, openssl s_client, curl)
 over STARTTLS/STLS and the implicit-TLS listeners, trusting the CA from ``tls export-ca``,
-through the proxy to the real Dovecot. require_tls, STARTTLS injection, old TLS versions."""
+through the proxy to the real Dovecot. require_tls, STARTTLS injection, old TLS versions (refused
+with the TLS alert), reload of the TLS listeners and settings."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ import pytest
 from proxy.config import Settings
 from proxy.tls.show import export_ca
 from tests.integration.conftest import _require
+from tests.integration.test_service import Loader, running
 from tests.support.dovecot import Dovecot
 from tests.support.proxyrun import ProxyHarness
+from tests.support.servers import free_port
 from tests.support.tokenserver import TokenServer
 
 T = TypeVar("T")
@@ -320,8 +323,17 @@ async def test_tls10_client_refused_by_default_accepted_when_enabled(
     settings = setup(harness, mail_user)
     async with harness.run(settings) as daemon:
         ca, _ = trust(settings, tmp_path)
-        with pytest.raises((ssl.SSLError, ConnectionResetError)):
+        # Refused with the TLS alert that says why, not a reset or a bare close.
+        with pytest.raises(ssl.SSLError, match="TLSV1_ALERT_PROTOCOL_VERSION"):
             await blocking(tls10_login, daemon.address("imaps")[1], ca, mail_user)
+        if shutil.which("openssl"):
+            for extra, proto in (([], "imaps"), (["-starttls", "imap"], "imap")):
+                code, out = await run_tool(
+                    "openssl", "s_client", "-connect",
+                    f"127.0.0.1:{daemon.address(proto)[1]}", *extra, "-tls1_1", "-cipher",
+                    "DEFAULT@SECLEVEL=0", "-CAfile", str(ca), stdin=b"")
+                assert code != 0 and b"alert protocol version" in out, out
+                assert b"unexpected eof" not in out and b"reset" not in out, out
     settings.imap.tls_min_version = "1.0"
     async with harness.run(settings) as daemon:
         assert await blocking(tls10_login, daemon.address("imaps")[1], ca,
@@ -377,3 +389,64 @@ async def test_fetchmail_pop3s_and_stls(harness: ProxyHarness, mail_user: str,
             # fetchmail adds its own Received header; the message itself arrives intact.
             assert out.read_bytes().replace(b"\r\n", b"\n").endswith(
                 MESSAGE.replace(b"\r\n", b"\n")), log
+
+
+# -- reload ------------------------------------------------------------------------------------
+
+
+def plain_capabilities(port: int) -> tuple[str, ...]:
+    with imaplib.IMAP4("127.0.0.1", port) as imap:
+        return tuple(imap.capabilities)
+
+
+def smtps_tls10_greeting(port: int, ca: Path) -> str:
+    context = ssl.create_default_context(cafile=str(ca))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, \
+            context.wrap_socket(sock, server_hostname="localhost") as tls:
+        assert tls.recv(100).startswith(b"220 ")
+        return str(tls.version())
+
+
+async def test_reload_moves_opens_and_closes_tls_listeners_and_applies_tls_settings(
+        harness: ProxyHarness, mail_user: str, tmp_path: Path) -> None:
+    settings = setup(harness, mail_user)
+    settings.smtp.tls_listen = ""
+    loader = Loader(settings)
+    async with running(settings, loader) as daemon:
+        ca, context = trust(settings, tmp_path)
+        old_imaps, old_pop3s = daemon.address("imaps"), daemon.address("pop3s")
+        # A session on the TLS listener that moves goes on after the reload.
+        before = await asyncio.to_thread(imaplib.IMAP4_SSL, "127.0.0.1", old_imaps[1],
+                                         ssl_context=context)
+        await asyncio.to_thread(before.login, mail_user, PASSWORD)
+        with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+            await blocking(tls10_login, old_imaps[1], ca, mail_user)
+
+        imaps, smtps = free_port(), free_port()
+        after = harness.settings(harness.account(mail_user))
+        after.imap = after.imap.model_copy(update={
+            "tls_listen": f"127.0.0.1:{imaps}", "tls_min_version": "1.0", "require_tls": True})
+        after.pop3 = after.pop3.model_copy(update={"tls_listen": ""})
+        after.smtp = after.smtp.model_copy(update={
+            "tls_listen": f"127.0.0.1:{smtps}", "tls_min_version": "1.0"})
+        loader.settings = after
+        result = await daemon.reloader.ask()
+        assert result["ok"], result
+        assert set(result["changes"]) == {
+            f"imaps listener moved from 127.0.0.1:0 to 127.0.0.1:{imaps}",
+            "pop3s listener on 127.0.0.1:0 closed", f"smtps listener opened on 127.0.0.1:{smtps}",
+            "[imap] changed", "[smtp] changed"}
+
+        assert (await asyncio.to_thread(before.noop))[0] == "OK"
+        await asyncio.to_thread(before.logout)
+        for gone in (old_imaps, old_pop3s):
+            with pytest.raises(OSError):
+                await asyncio.to_thread(socket.create_connection, gone, 5)
+        # New connections: TLS 1.0 accepted (new contexts), passwords only after STARTTLS.
+        assert await blocking(tls10_login, imaps, ca, mail_user) == "TLSv1"
+        assert await blocking(smtps_tls10_greeting, smtps, ca) == "TLSv1"
+        assert "LOGINDISABLED" in await blocking(plain_capabilities, daemon.address("imap")[1])

@@ -1,11 +1,13 @@
-"""Local TLS end to end, SMTP: smtplib with STARTTLS and SMTP_SSL, openssl s_client and curl
-smtps:// trusting the CA from ``tls export-ca``, through the proxy to the real Postfix and into
-Dovecot. require_tls (no AUTH before STARTTLS, 530 5.7.0), STARTTLS injection, ``AUTH login``."""
+"""Local TLS end to end, SMTP: smtplib with STARTTLS and SMTP_SSL, openssl s_client, curl
+smtps://, swaks (--tls, --tlsc) and msmtp (STARTTLS, implicit) trusting the CA from
+``tls export-ca``, through the proxy to the real Postfix and into Dovecot. require_tls (no
+AUTH before STARTTLS, 530 5.7.0), STARTTLS injection, ``AUTH login``."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import shutil
 import smtplib
 import socket
@@ -152,12 +154,21 @@ async def test_smtp_starttls_injection_never_authenticates(
 
 
 async def test_openssl_and_curl_smtps(harness: SmtpHarness, mail_user: str,
-                                      tmp_path: Path) -> None:
+                                      tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _require(shutil.which("openssl") is not None, "openssl is not installed")
+    caplog.set_level(logging.INFO, logger="mailproxy")
     settings = setup(harness, mail_user)
     body = message(mail_user, mail_user, b"sent by curl over smtps\r\n", "curl")
     async with harness.run(settings) as daemon:
         ca, _ = trust(settings, tmp_path)
+        # TLS 1.1 is refused with the alert that says so; a line in the log, no traceback.
+        for extra, proto in ((["-starttls", "smtp"], "smtp"), ([], "smtps")):
+            code, out = await run_tool(
+                "openssl", "s_client", "-connect", f"127.0.0.1:{daemon.address(proto)[1]}",
+                *extra, "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0", "-CAfile", str(ca))
+            assert code != 0 and b"alert protocol version" in out, out
+        assert "smtp: TLS handshake with 127.0.0.1 failed" in caplog.text
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
         code, out = await run_tool(
             "openssl", "s_client", "-connect", f"127.0.0.1:{daemon.address('smtp')[1]}",
             "-starttls", "smtp", "-CAfile", str(ca), "-verify_return_error", "-ign_eof",
@@ -187,3 +198,61 @@ async def test_20_mb_message_over_smtps(harness: SmtpHarness, mail_user: str,
         await asyncio.to_thread(send_ssl, daemon.address("smtps")[1], context, mail_user, sent)
     (stored,) = await wait_delivered(harness.dovecot, mail_user, 1, timeout=60)
     assert same_message(stored, sent)
+
+
+# -- swaks and msmtp ---------------------------------------------------------------------------
+
+
+async def test_swaks_starttls_and_implicit_tls(harness: SmtpHarness, mail_user: str,
+                                               tmp_path: Path) -> None:
+    _require(shutil.which("swaks") is not None, "swaks is not installed")
+    settings = setup(harness, mail_user)
+    bodies = {flag: message(mail_user, mail_user, f"sent by swaks {flag}\r\n".encode(),
+                            f"swaks {flag}") for flag in ("--tls", "--tlsc")}
+    async with harness.run(settings) as daemon:
+        ca, _ = trust(settings, tmp_path)
+        for flag, listener in (("--tls", "smtp"), ("--tlsc", "smtps")):
+            source = tmp_path / f"swaks{flag}.eml"
+            # swaks ends the data with CRLF . CRLF itself: the file has no last line end.
+            source.write_bytes(bodies[flag].removesuffix(b"\r\n"))
+            code, out = await run_tool(
+                "swaks", flag, "--tls-verify", "--tls-ca-path", str(ca), "--tls-sni",
+                "localhost", "--server", "127.0.0.1", "--port",
+                str(daemon.address(listener)[1]), "--auth", "PLAIN", "--auth-user", mail_user,
+                "--auth-password", PASSWORD, "--from", mail_user, "--to", mail_user,
+                "--data", f"@{source}", "--helo", "swaks.test")
+            assert code == 0, out
+            if flag == "--tls":
+                assert b"-> STARTTLS" in out and b"<-  220 Ready to start TLS" in out, out
+            assert b"TLS started" in out and b"~> AUTH PLAIN" in out, out
+            assert b"<~  235" in out and b"<~  250" in out, out
+    stored = await wait_delivered(harness.dovecot, mail_user, 2)
+    for body in bodies.values():
+        assert any(same_message(s, body) for s in stored), body[:120]
+
+
+async def test_msmtp_starttls_and_implicit_tls(harness: SmtpHarness, mail_user: str,
+                                               tmp_path: Path) -> None:
+    _require(shutil.which("msmtp") is not None, "msmtp is not installed")
+    settings = setup(harness, mail_user)
+    modes = {"starttls": ("smtp", "on"), "implicit": ("smtps", "off")}
+    bodies = {mode: message(mail_user, mail_user, f"sent by msmtp, {mode}\r\n".encode(),
+                            f"msmtp {mode}") for mode in modes}
+    async with harness.run(settings) as daemon:
+        ca, _ = trust(settings, tmp_path)
+        for mode, (listener, starttls) in modes.items():
+            rc = tmp_path / f"msmtprc-{mode}"
+            rc.write_text(
+                f"account default\nhost 127.0.0.1\nport {daemon.address(listener)[1]}\n"
+                f"tls on\ntls_starttls {starttls}\ntls_trust_file {ca}\n"
+                "tls_host_override localhost\n"
+                f"auth plain\nuser {mail_user}\npassword {PASSWORD}\nfrom {mail_user}\n")
+            rc.chmod(0o600)  # msmtp refuses a password in a file others can read
+            code, out = await run_tool("msmtp", "--debug", "-C", str(rc), mail_user,
+                                       stdin=bodies[mode])
+            assert code == 0, out
+            assert (b"--> STARTTLS" in out) == (mode == "starttls"), out
+            assert b"TLS session parameters" in out and b"<-- 235" in out, out
+    stored = await wait_delivered(harness.dovecot, mail_user, 2)
+    for body in bodies.values():
+        assert any(same_message(s, body) for s in stored), body[:120]

@@ -23,7 +23,7 @@ from proxy.admin.model import TlsView
 from proxy.admin.service import AdminService
 from proxy.admin.web import COOKIE
 from proxy.config import Settings, TlsSettings
-from proxy.tls.contexts import ServerTls
+from proxy.tls.contexts import ServerTls, following_context
 from tests.support.tlsca import TestCA, make_test_ca
 from tests.unit.test_admin_web import ADDRESS, CA, CA_PEM, CERT, FP, FakeBackend, Page, csrf_of
 
@@ -60,7 +60,8 @@ async def tls_page(tmp_path: Path) -> AsyncIterator[tuple[Page, ServerTls, TestC
     await server_tls.start()
     backend = FakeBackend()
     service = AdminService(backend, "127.0.0.1", 0, app_factory=make_app, clock=backend.clock,
-                           ssl_context=server_tls.listener_context("1.2"))
+                           ssl_context=following_context(lambda: server_tls.current("1.2"),
+                                                             "1.2"))
     await service.start()
     task = asyncio.create_task(service.serve())
     try:

@@ -1,13 +1,16 @@
 """``net.Conn`` before the splice, on loopback sockets: a client that never reads its replies
-keeps the daemon's buffers bounded, and a close does not lose the last reply to a reset."""
+keeps the daemon's buffers bounded, a close does not lose the last reply to a reset, and a
+finished splice is freed by reference counting."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
+import weakref
 
-from proxy.net import Conn
+from proxy.net import Conn, splice
 
 
 async def _serve() -> tuple[asyncio.Server, int, list[Conn]]:
@@ -76,3 +79,31 @@ async def test_close_with_unread_input_does_not_reset_the_last_reply() -> None:
     writer.close()
     await asyncio.wait_for(conn.closed, 5)
     server.close()
+
+
+async def test_a_finished_splice_is_freed_without_the_cyclic_collector() -> None:
+    """The two Conns of a splice (and their transports and sockets) go when the session ends,
+    by reference counting: with thousands of sessions, waiting for the cyclic collector left
+    their memory in use while new sessions allocated around it."""
+    server, port, conns = await _serve()
+    clients = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    a, b = conns
+    assert a.transport is not None and b.transport is not None
+    refs = [weakref.ref(x) for x in (a, b, a.transport, b.transport)]
+    relay = asyncio.create_task(splice(a, b))
+    clients[0][1].write(b"hello\r\n")
+    assert await clients[1][0].readexactly(7) == b"hello\r\n"
+    gc.disable()
+    try:
+        clients[0][1].close()  # one side goes: the session ends
+        await asyncio.wait_for(relay, 5)
+        await asyncio.sleep(0.05)  # connection_lost callbacks
+        del a, b, relay
+        conns.clear()
+        assert [r() for r in refs] == [None] * 4
+    finally:
+        gc.enable()
+        for _, writer in clients:
+            writer.close()
+        server.close()

@@ -23,6 +23,7 @@ from proxy.tls.contexts import (
     build_server_context,
     startup_warnings,
 )
+from proxy.tls.listener import accept_implicit
 from tests.support.tlsca import TestCA, make_test_ca
 
 
@@ -262,39 +263,48 @@ def test_startup_warnings() -> None:
     assert "[smtp] tls_min_version = '1.0'" in found[1]
 
 
-async def test_listener_context_hands_each_handshake_the_current_certificate(
+async def test_accept_implicit_hands_over_with_what_came_right_after_the_handshake(
         tmp_path: Path) -> None:
-    """For listeners that take one context for good (the SMTP implicit-TLS one)."""
-    first, second = make_test_ca(tmp_path / "a"), make_test_ca(tmp_path / "b")
-    bundle = tmp_path / "cas.pem"
-    bundle.write_bytes(first.ca_cert.read_bytes() + second.ca_cert.read_bytes())
-    cert, key = tmp_path / "live.pem", tmp_path / "live.key"
-    replace_atomically(first, cert, key)
-    clock = Clock()
-    tls = ServerTls(settings(tmp_path, cert_file=cert, key_file=key),
-                    monotonic=clock.monotonic)
+    """The SMTP implicit-TLS listener's way: handshake first (the context current at that
+    moment), then the protocol gets the TLS transport and every byte the client sent without
+    waiting, even what arrived before it took over."""
+    tls = ServerTls(settings(tmp_path))
     await tls.start()
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+    tasks: set[asyncio.Task[asyncio.Protocol]] = set()
 
-    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"* OK\r\n")
-        await writer.drain()
-        await reader.read()
-        writer.close()
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+            self.data = b""
+            transport.write(b"* OK\r\n")
 
-    server = await asyncio.start_server(greet, "127.0.0.1", 0,
-                                        ssl=tls.listener_context("1.2"))
+        def data_received(self, data: bytes) -> None:
+            self.data += data
+            if self.data.endswith(b"\n") and not got.done():
+                got.set_result(self.data)
+
+    class First(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()
+            tasks.add(loop.create_task(accept_implicit(transport, tls.current("1.2"), 10, Echo)))
+
+    server = await loop.create_server(First, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    client = ssl.create_default_context(cafile=str(bundle))
+    client = ssl.create_default_context(cafile=str(local_files(tmp_path / "state").ca_cert))
     try:
-        serial = (await connect(port, client))[1].serial_number
-        assert serial == x509.load_pem_x509_certificate(
-            first.server_cert.read_bytes()).serial_number
-        replace_atomically(second, cert, key)
-        clock.mono += 5
-        assert await tls.refresh()
-        serial = (await connect(port, client))[1].serial_number
-        assert serial == x509.load_pem_x509_certificate(
-            second.server_cert.read_bytes()).serial_number
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client,
+                                                      server_hostname="localhost")
+        writer.write(b"EHLO sent without waiting\r\n")  # before the greeting
+        assert await reader.readline() == b"* OK\r\n"
+        assert await asyncio.wait_for(got, 10) == b"EHLO sent without waiting\r\n"
+        (protocol,) = await asyncio.gather(*tasks)
+        assert isinstance(protocol, Echo)
+        writer.close()
+        await writer.wait_closed()
     finally:
         server.close()
         await server.wait_closed()
