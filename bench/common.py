@@ -9,10 +9,13 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -99,6 +102,67 @@ def stop_proxy(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of process ``pid``, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def client_socket(port: int, context: ssl.SSLContext | None, timeout: float) -> socket.socket:
+    """A connection to 127.0.0.1:``port``, Nagle off, over TLS when ``context`` is given."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if context is not None:
+        try:
+            sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
+def export_proxy_ca(tmp: Path) -> Path:
+    """``mailproxy tls export-ca`` for the proxy configured in ``tmp``, written next to it:
+    what a client trusts."""
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy", "tls", "export-ca", "--config",
+         str(tmp / "mailproxy.toml")], capture_output=True, check=True, timeout=60, cwd=REPO)
+    path = tmp / "proxy-ca.pem"
+    path.write_bytes(out.stdout)
+    return path
+
+
+class ImapServers:
+    """What an IMAP benchmark runs and stops: the test token server, Dovecot and the proxy,
+    in a temporary directory removed at the end."""
+
+    def __init__(self, prefix: str) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix=prefix))
+        self.tmp.chmod(0o755)  # Dovecot's unprivileged users traverse it
+        self.token_server: Any = None
+        self.dovecot: Any = None
+        self.proxy: subprocess.Popen[bytes] | None = None
+        self.proxy_log = self.tmp / "proxy.log"
+
+    def server_log_tail(self) -> str:
+        return self.dovecot.log_tail() if self.dovecot is not None else ""
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            proc, self.proxy = self.proxy, None
+            stop_proxy(proc)
+        if self.dovecot is not None:
+            with contextlib.suppress(Exception):
+                self.dovecot.stop()
+        if self.token_server is not None:
+            with contextlib.suppress(Exception):
+                self.token_server.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 class BenchEnvironment(Protocol):

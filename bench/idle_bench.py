@@ -24,16 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import shutil
 import ssl
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import launch_proxy, progress, run, stop_proxy
+from common import ImapServers, export_proxy_ca, launch_proxy, progress, rss_kib, run
 
 from proxy.tls.memory import raise_open_file_limit, share_tls_read_buffer
 from tests.support.dovecot import Dovecot, dovecot_available, free_port
@@ -59,22 +56,11 @@ class ManyDovecot(Dovecot):
                             "  service_count = 0\n}")
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-class Environment:
+class Environment(ImapServers):
     def __init__(self) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="mailproxy-idle-"))
-        self.tmp.chmod(0o755)
+        super().__init__("mailproxy-idle-")
         self.token_server: TokenServer | None = None
         self.dovecot: Dovecot | None = None
-        self.proxy: subprocess.Popen[bytes] | None = None
-        self.proxy_log = self.tmp / "proxy.log"
         self.ca: TestCA | None = None
         self.ports: dict[str, int] = {}
 
@@ -98,29 +84,8 @@ class Environment:
             {"tls_listen": f'"127.0.0.1:{self.ports["tls"]}"', "max_connections": "0",
              "max_connections_per_ip": "0"})
 
-    def server_log_tail(self) -> str:
-        return self.dovecot.log_tail() if self.dovecot is not None else ""
-
-    def stop(self) -> None:
-        if self.proxy is not None:
-            proc, self.proxy = self.proxy, None
-            stop_proxy(proc)
-        if self.dovecot is not None:
-            with contextlib.suppress(Exception):
-                self.dovecot.stop()
-        if self.token_server is not None:
-            with contextlib.suppress(Exception):
-                self.token_server.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
     def proxy_ca(self) -> Path:
-        out = subprocess.run(
-            [sys.executable, "-m", "proxy", "tls", "export-ca", "--config",
-             str(self.tmp / "mailproxy.toml")], capture_output=True, check=True, timeout=60,
-            cwd=Path(__file__).resolve().parents[1])
-        path = self.tmp / "proxy-ca.pem"
-        path.write_bytes(out.stdout)
-        return path
+        return export_proxy_ca(self.tmp)
 
 
 class Session:

@@ -53,26 +53,24 @@ import contextlib
 import os
 import random
 import re
-import shutil
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from common import (  # the repository root goes on sys.path here
     CLK_TCK,
+    ImapServers,
+    client_socket,
+    export_proxy_ca,
     launch_proxy,
     machine_busy,
     proc_cpu,
     progress,
     run,
-    stop_proxy,
 )
 
 from tests.support.dovecot import Dovecot, dovecot_available
@@ -128,15 +126,7 @@ class FastImap:
 
     @classmethod
     def connect(cls, port: int, context: ssl.SSLContext | None = None) -> tuple[FastImap, bytes]:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if context is not None:
-            try:
-                sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
-            except BaseException:
-                sock.close()
-                raise
-        client = cls(sock)
+        client = cls(client_socket(port, context, TIMEOUT))
         greeting = client.read_response(None, keep=True).text
         if not greeting.startswith(b"* OK"):
             client.close()
@@ -281,19 +271,16 @@ def children_cpu(parent: int) -> float:
 
 
 
-class Environment:
+class Environment(ImapServers):
     def __init__(self, messages: int, size: int) -> None:
+        super().__init__("mailproxy-bench-")
         self.messages = messages
         self.size = size
-        self.tmp = Path(tempfile.mkdtemp(prefix="mailproxy-bench-"))
-        self.tmp.chmod(0o755)  # Dovecot's unprivileged users traverse it
         self.token_server: TokenServer | None = None
         self.dovecot: Dovecot | None = None
-        self.proxy: subprocess.Popen[bytes] | None = None
         self.proxy_port = 0
         self.proxy_tls_port = 0
         self.proxy_tls: ssl.SSLContext | None = None
-        self.proxy_log = self.tmp / "proxy.log"
         self.ca: TestCA | None = None
         self.tls: ssl.SSLContext | None = None
         self.mailbox_bytes = 0
@@ -330,27 +317,7 @@ class Environment:
                               "imap_tls": '"implicit"'},
             {"tls_listen": f'"127.0.0.1:{self.proxy_tls_port}"'})
         # Trust the proxy's own CA, as a client would after `mailproxy tls export-ca`.
-        ca = subprocess.run(
-            [sys.executable, "-m", "proxy", "tls", "export-ca", "--config",
-             str(self.tmp / "mailproxy.toml")], capture_output=True, check=True, timeout=60,
-            cwd=Path(__file__).resolve().parents[1])
-        (self.tmp / "proxy-ca.pem").write_bytes(ca.stdout)
-        self.proxy_tls = ssl.create_default_context(cafile=str(self.tmp / "proxy-ca.pem"))
-
-    def server_log_tail(self) -> str:
-        return self.dovecot.log_tail() if self.dovecot is not None else ""
-
-    def stop(self) -> None:
-        if self.proxy is not None:
-            proc, self.proxy = self.proxy, None
-            stop_proxy(proc)
-        if self.dovecot is not None:
-            with contextlib.suppress(Exception):
-                self.dovecot.stop()
-        if self.token_server is not None:
-            with contextlib.suppress(Exception):
-                self.token_server.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.proxy_tls = ssl.create_default_context(cafile=str(export_proxy_ca(self.tmp)))
 
     # -- clients -------------------------------------------------------------------------
 

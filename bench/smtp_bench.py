@@ -63,6 +63,7 @@ from common import (  # the repository root goes on sys.path here
     Case,
     case_arguments,
     cases_of,
+    client_socket,
     launch_proxy,
     machine_busy,
     proc_cpu,
@@ -110,15 +111,7 @@ class FastSmtp:
 
     @classmethod
     def connect(cls, port: int, context: ssl.SSLContext | None = None) -> FastSmtp:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if context is not None:
-            try:
-                sock = context.wrap_socket(sock, server_hostname="127.0.0.1")
-            except BaseException:
-                sock.close()
-                raise
-        client = cls(sock)
+        client = cls(client_socket(port, context, TIMEOUT))
         client.expect(220)
         return client
 

@@ -31,18 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from common import rss_kib  # noqa: E402
+
 from proxy.config import Settings  # noqa: E402
 from proxy.net import Conn  # noqa: E402
 from proxy.tls.certs import ensure_local_certificates, local_files, wanted_names  # noqa: E402
 from proxy.tls.contexts import build_server_context  # noqa: E402
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 async def serve(state_dir: Path, shared: bool) -> None:
