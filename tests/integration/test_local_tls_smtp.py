@@ -146,7 +146,7 @@ async def test_smtp_starttls_injection_never_authenticates(
         _, context = trust(settings, tmp_path)
         clear, secure = await asyncio.to_thread(injection, daemon.address("smtp")[1],
                                                 context, mail_user)
-    assert clear.endswith(b"220 Ready to start TLS\r\n")
+    assert clear.endswith(b"220 2.0.0 Ready to start TLS\r\n")
     # The pipelined AUTH was discarded: under TLS the session starts over, unauthenticated.
     assert secure == b"530 5.7.0 Authentication required\r\n"
 
