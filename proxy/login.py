@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Literal, Protocol
 
 from . import logs
 from .config import Account, Settings
+from .net import client_tls_context, describe_error, out_of_resources
 from .observe import Observer
 from .penalty import Penalty
 from .tokens.errors import AuthorizationRequired, TokenError
@@ -81,6 +83,23 @@ def setting_fix(account: Account, proto: str, lacks: str) -> str:
 LOCAL_SHORTAGE = "mailproxy is short of local resources ({}); try again later"
 
 
+def local_shortage(exc: OSError) -> Refusal:
+    """The temporary refusal of a login that ran out of file descriptors or memory here."""
+    return Refusal("unavailable", LOCAL_SHORTAGE.format((exc.strerror or str(exc)).lower()))
+
+
+def upstream_tls(account: Account) -> ssl.SSLContext:
+    """The client TLS context for the account's servers; ``Refusal`` when it cannot be made
+    (out of file descriptors: temporary; an unusable ``ca_file``: the setting to fix)."""
+    try:
+        return client_tls_context(account.ca_file)
+    except OSError as exc:
+        if out_of_resources(exc):
+            raise local_shortage(exc) from None
+        raise Refusal("misconfigured", f"the ca_file of account {account.address} cannot be "
+                      f"used ({describe_error(exc)}); fix it or remove the setting") from None
+
+
 @dataclass
 class Gate:
     settings: Settings
@@ -127,9 +146,9 @@ class Gate:
                           "by mailproxy; ask its administrator (the daemon's log says why)"
                           ) from None
         except OSError as exc:
-            log.error("account %s: cannot read the token vault: %s", account.address, exc)
-            raise Refusal("unavailable", LOCAL_SHORTAGE.format(
-                (exc.strerror or str(exc)).lower())) from None
+            if not out_of_resources(exc):  # that one is said by the refusal's log line
+                log.error("account %s: cannot read the token vault: %s", account.address, exc)
+            raise local_shortage(exc) from None
         if not opened:
             raise Refusal("credentials", "Invalid credentials")
         if not was_open:

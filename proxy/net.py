@@ -9,6 +9,7 @@ directions and no per-chunk work beyond that.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import socket
@@ -27,6 +28,14 @@ _RECV_MAX = 16 * 1024
 _WRITE_HIGH_WATER = 1024 * 1024
 # How long a connection closed before the splice waits for the client to close its side.
 LINGER = 2.0
+# What the process runs out of, not the network or the peer: file descriptors, socket memory.
+RESOURCE_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+def out_of_resources(exc: BaseException) -> bool:
+    """Whether ``exc`` says this process (or the system) is short of descriptors or memory."""
+    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
+
 
 log = logging.getLogger("mailproxy.net")
 
@@ -270,6 +279,12 @@ def client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
     CA file takes effect at the next start.
     """
     context = ssl.create_default_context()
+    default = ssl.get_default_verify_paths().cafile
+    if default and not context.cert_store_stats()["x509_ca"]:
+        # create_default_context() loads nothing, and says nothing, when it cannot open the
+        # system's CA file (out of file descriptors): load it again, to fail loudly instead of
+        # caching a context that trusts nothing.
+        context.load_verify_locations(cafile=default)
     if ca_file is not None:
         context.load_verify_locations(cafile=str(ca_file))
     context.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -31,7 +31,7 @@ from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
 from .control import AlreadyRunning, ControlError, ControlServer
-from .limits import ConnectionLimits, QuietResourceErrors, refuse
+from .limits import BUSY, ConnectionLimits, QuietResourceErrors, refuse
 from .metrics import Metrics, MetricsServer
 from .notify import Event, EventName, Notifier, event_key
 from .reload import Loader, Reloader, listeners, tls_versions
@@ -102,6 +102,7 @@ class Daemon:
         self.metrics.watch_queue(lambda: self.settings.accounts,
                                  lambda: self.queue.summary() if self.queue is not None else {})
         self._refused_logged = 0.0
+        self._resources: QuietResourceErrors | None = None  # while running
         self._ended_count = 0  # sessions ended since memory was last released
 
     def stop(self) -> None:
@@ -114,7 +115,7 @@ class Daemon:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        quiet = QuietResourceErrors(loop)
+        quiet = self._resources = QuietResourceErrors(loop)
         quiet.install()
         before, after = raise_open_file_limit()
         if after != before:
@@ -217,10 +218,12 @@ class Daemon:
                     # aiosmtpd brings its own protocol class; the service drains its sessions.
                     start = self.smtp.start_implicit if implicit else self.smtp.start
                     opened[name] = await start(host, port, backlog=LISTEN_BACKLOG)
-                    continue
-                opened[name] = await loop.create_server(
-                    self._factory(proto, sessions[proto], implicit), host, port,
-                    backlog=LISTEN_BACKLOG, reuse_address=True)
+                else:
+                    opened[name] = await loop.create_server(
+                        self._factory(proto, sessions[proto], implicit), host, port,
+                        backlog=LISTEN_BACKLOG, reuse_address=True)
+                if self._resources is not None:  # out of descriptors: "try again later"
+                    self._resources.listen(opened[name], b"" if implicit else BUSY[proto])
         except OSError as exc:
             for server in opened.values():
                 server.close()

@@ -18,8 +18,15 @@ from ..core.events import (
     UpstreamFailed,
 )
 from ..core.upstream import UpstreamLogin
-from ..login import Refusal, UpstreamError, UpstreamRejection, setting_fix
-from ..net import Conn, client_tls_context, describe_error, open_connection, start_tls
+from ..login import (
+    Refusal,
+    UpstreamError,
+    UpstreamRejection,
+    local_shortage,
+    setting_fix,
+    upstream_tls,
+)
+from ..net import Conn, describe_error, open_connection, out_of_resources, start_tls
 from ..providers import Server
 
 UPSTREAM_TIMEOUT = 30.0
@@ -53,7 +60,7 @@ class UpstreamSession:
         self.server = server
         self.description = str(server)
         self.timeout = timeout
-        self.tls = client_tls_context(account.ca_file)
+        self.tls = upstream_tls(account)
         self.core = self.core_type(account.sasl_user, starttls=server.tls == "starttls",
                                    mechanism=account.sasl_mechanism, host=server.host,
                                    port=server.port)
@@ -70,6 +77,8 @@ class UpstreamSession:
                 self.server.host, self.server.port,
                 self.tls if self.server.tls == "implicit" else None, self.timeout)
         except (OSError, TimeoutError) as exc:
+            if out_of_resources(exc):
+                raise local_shortage(exc) from None  # here, not at the server
             raise UpstreamError(describe_error(exc)) from None
         event = await self._run([])
         if not isinstance(event, ReadyToAuthenticate):

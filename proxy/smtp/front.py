@@ -41,6 +41,7 @@ from .upstream import DATA_END_TIMEOUT
 
 log = logging.getLogger("mailproxy.smtp")
 session_log = logging.getLogger("mailproxy.session")
+tls_log = logging.getLogger("mailproxy.tls")
 
 # Failed AUTH commands on one connection before it is closed (as IMAP and POP3 do).
 MAX_AUTH_FAILURES = 5
@@ -48,6 +49,9 @@ MAX_AUTH_FAILURES = 5
 DEFAULT_SIZE = 35 * 1024 * 1024
 # aiosmtpd's own per-command logging would show addresses at INFO; we log our own summary.
 logging.getLogger("mail.log").setLevel(logging.WARNING)
+# aiosmtpd's go-ahead to STARTTLS, and ours: with ENHANCEDSTATUSCODES announced it has its
+# code too (RFC 2034 spares only the greeting and the answers to HELO and EHLO), as Postfix's.
+_STARTTLS_GO_AHEAD = ("220 Ready to start TLS", "220 2.0.0 Ready to start TLS")
 # "<dot-atom@domain> params": the everyday MAIL/RCPT argument, for which aiosmtpd's parser
 # (the email package's header parser, ~45 us an address) gives exactly the text between <>.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -129,6 +133,9 @@ class SmtpFront(GuardedSMTP):
         transport = self._real
         if (self.account is None and transport is not None and not transport.is_closing()
                 and not self.lingering):
+            if self.tls_pending:  # nothing in the clear in the middle of a TLS handshake
+                transport.close()
+                return
             transport.write(b"421 4.4.2 Too long without logging in, closing connection\r\n")
             self.linger()
 
@@ -201,6 +208,9 @@ class SmtpFront(GuardedSMTP):
             return
         # aiosmtpd just closes; say why first (RFC 5321 4.5.3.2: the server may time out).
         if self._real is not None and not self._real.is_closing() and not self.lingering:
+            if self.tls_pending:  # nothing in the clear in the middle of a TLS handshake
+                self._real.close()
+                return
             self._real.write(b"421 4.4.2 Idle for too long, closing connection\r\n")
             self.linger()  # connection_lost() cleans up, as in aiosmtpd's own callback
 
@@ -282,11 +292,11 @@ class SmtpFront(GuardedSMTP):
 
     async def handle_exception(self, error: Exception) -> str:
         if isinstance(error, TLSSetupException):
-            # A refused handshake (an old TLS version, no common cipher) is the client's
-            # business, as on the IMAP and POP3 listeners; aiosmtpd closes the connection.
-            cause = error.__cause__ or error
-            log.info("smtp: TLS handshake with %s failed: %s", self.peer, describe_error(cause))
-            return "454 4.7.0 TLS handshake failed"
+            # No TLS handshake after STARTTLS's go-ahead (garbage, or the client went away):
+            # aiosmtpd closes the connection, and nothing can be said in the clear.
+            tls_log.info("smtp: TLS handshake with %s failed: %s", self.peer,
+                         describe_error(error.__cause__ or error))
+            return ""
         log.error("smtp session error: %s", error, exc_info=error)
         # Never anything that could read as success: the client keeps the message and retries.
         return "451 4.3.0 Internal error in mailproxy; please try again"
@@ -341,6 +351,8 @@ class SmtpFront(GuardedSMTP):
 
     async def push(self, status: AnyStr) -> None:
         text = status if isinstance(status, str) else status.decode("utf-8", "surrogateescape")
+        if text == _STARTTLS_GO_AHEAD[0]:
+            text = _STARTTLS_GO_AHEAD[1]
         # HELO and EHLO answer with their 250 as it is (RFC 2034), errors get their codes.
         if not (self._verbatim and text.startswith("250")):
             text = add_enhanced_codes(text)

@@ -14,7 +14,7 @@ import logging
 import re
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import MISSING, SMTP
+from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from .replies import well_formed
 
@@ -72,6 +72,7 @@ class GuardedSMTP(SMTP):
 
     in_data = False
     lingering = False
+    tls_pending = False  # STARTTLS said go ahead, the handshake is not done: no plain text
     _line_bytes = 0  # read since the last LF, outside DATA
     _linger_handle: asyncio.TimerHandle | None = None
     _real: asyncio.Transport | None = None
@@ -79,12 +80,25 @@ class GuardedSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        self.tls_pending = False  # (again after a STARTTLS handshake)
         if self.transport is transport:
             # Every close goes through linger(): aiosmtpd's (QUIT, too many unknown
             # commands, a cancelled session) and ours.
             self._real = real = cast(asyncio.Transport, transport)
             self.transport = wrapped = cast(asyncio.Transport, _Lingering(real, self))
             self._writer._transport = wrapped  # type: ignore[attr-defined]
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if not arg and self.tls_context is not None and self._real is not None:
+            # As for IMAP and POP3: what the client sent after STARTTLS without waiting for
+            # the go-ahead is never read as a command (aiosmtpd drops it once the handshake
+            # is done: here, before), and reading goes on: the reader pauses the connection
+            # when its buffer is full, and the handshake would wait for bytes until a timeout.
+            self._reader._buffer.clear()  # type: ignore[attr-defined]
+            self._real.resume_reading()
+            self.tls_pending = True
+        await super().smtp_STARTTLS(arg)
 
     def linger(self) -> None:
         """Close without losing the last reply to a reset (see ``_Lingering``)."""

@@ -26,8 +26,15 @@ from ..core.sasl import (
     initial_response,
     parse_failure_challenge,
 )
-from ..login import Refusal, UpstreamError, UpstreamRejection, setting_fix
-from ..net import client_tls_context, describe_error
+from ..login import (
+    Refusal,
+    UpstreamError,
+    UpstreamRejection,
+    local_shortage,
+    setting_fix,
+    upstream_tls,
+)
+from ..net import describe_error, out_of_resources
 from .data import SinkGone
 from .wire import Channel, ReplyError
 
@@ -70,7 +77,7 @@ class SmtpUpstreamSession:
         # STARTTLS is done in ``connect``, around it Nagle is switched (see there).
         self.smtp = aiosmtplib.SMTP(
             hostname=server.host, port=server.port, use_tls=implicit,
-            start_tls=False, tls_context=client_tls_context(account.ca_file),
+            start_tls=False, tls_context=upstream_tls(account),
             timeout=timeout, local_hostname=LOCAL_HOSTNAME)
 
     # -- login.Upstream ------------------------------------------------------------------
@@ -103,6 +110,8 @@ class SmtpUpstreamSession:
                 raise UpstreamError("server does not offer STARTTLS",
                                     setting_fix(self.account, "smtp", "starttls")) from None
             cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+            if isinstance(cause, OSError) and out_of_resources(cause):
+                raise local_shortage(cause) from None  # here, not at the server
             raise UpstreamError(describe_error(cause)) from None
         offered = frozenset(f"AUTH={m.upper()}" for m in self.smtp.server_auth_methods)
         self.mechanism = choose_mechanism(offered, self.account.sasl_mechanism)

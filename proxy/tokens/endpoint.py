@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from ..config import Account, TokenSettings
-from ..net import client_tls_context
+from ..net import client_tls_context, describe_error
 from .errors import FlowError, TokenUnavailable
 from .grants import (
     TRANSIENT_ERRORS,
@@ -107,7 +107,10 @@ class TokenEndpoint:
             self._client = None
 
     async def _request(self, used: str | None) -> dict[str, Any]:
-        client = self._get_client()
+        try:
+            client = self._get_client()
+        except OSError as exc:  # its CA files unreadable for now (out of file descriptors)
+            raise _Transient(f"cannot prepare the request: {describe_error(exc)}") from None
         account = self.account
         url = account.token_url or ""
         try:

@@ -53,7 +53,7 @@ class VaultFiles:
         self._clock = clock
         self._open: dict[str, _Open] = {}
         self._seen: dict[str, Stamp | None] = {}
-        # Per account: (stamp, vault id, slot ids) of the file version last read for a login.
+        # Per account: (stamp, vault id, slot ids) of the file version last read or written.
         self._slot_ids: dict[str, tuple[Stamp, str, frozenset[Any]]] = {}
         self._mutex = threading.Lock()
 
@@ -142,10 +142,17 @@ class VaultFiles:
             got = self._read(account_key)
             if got is None:
                 return False
-            seen = (got[1], got[0]["vault_id"], frozenset(s.get("id") for s in got[0]["slots"]))
-            with self._mutex:
-                self._slot_ids[account_key] = seen
+            seen = self._note_slots(account_key, got[1], got[0])
         return seen[1] == known.vault_id and slot_id in seen[2]
+
+    def _note_slots(self, account_key: str, stamp: Stamp, data: dict[str, Any]
+                    ) -> tuple[Stamp, str, frozenset[Any]]:
+        """The slots of the file version ``stamp`` (just read or written): logins need no
+        read of it."""
+        seen = (stamp, data["vault_id"], frozenset(s.get("id") for s in data["slots"]))
+        with self._mutex:
+            self._slot_ids[account_key] = seen
+        return seen
 
     # -- TokenStore -----------------------------------------------------------------------------
 
@@ -186,7 +193,10 @@ class VaultFiles:
 
     def _write(self, account_key: str, data: dict[str, Any]) -> None:
         ensure_private_dir(self._dir)
-        self._seen[account_key] = atomic_write(self.path(account_key), fmt.serialize(data))
+        stamp = atomic_write(self.path(account_key), fmt.serialize(data))
+        self._seen[account_key] = stamp
+        # This process's own write (a refreshed token): the next login needs no read of it.
+        self._note_slots(account_key, stamp, data)
 
     # -- creating and changing slots (blocking: CLI, or a thread in the daemon) -----------------
 

@@ -37,6 +37,7 @@ class Vault(VaultFiles):
         data = got[0]
         opened = self._open_password_slot(account_key, data, password)
         if opened is not None:
+            self._note_slots(account_key, got[1], data)
             self._opened(account_key, password, opened[1])
             return True
         for slot in data["slots"]:

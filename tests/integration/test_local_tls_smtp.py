@@ -148,7 +148,7 @@ async def test_smtp_starttls_injection_never_authenticates(
         _, context = trust(settings, tmp_path)
         clear, secure = await asyncio.to_thread(injection, daemon.address("smtp")[1],
                                                 context, mail_user)
-    assert clear.endswith(b"220 Ready to start TLS\r\n")
+    assert clear.endswith(b"220 2.0.0 Ready to start TLS\r\n")
     # The pipelined AUTH was discarded: under TLS the session starts over, unauthenticated.
     assert secure == b"530 5.7.0 Authentication required\r\n"
 
@@ -223,7 +223,7 @@ async def test_swaks_starttls_and_implicit_tls(harness: SmtpHarness, mail_user: 
                 "--data", f"@{source}", "--helo", "swaks.test")
             assert code == 0, out
             if flag == "--tls":
-                assert b"-> STARTTLS" in out and b"<-  220 Ready to start TLS" in out, out
+                assert b"-> STARTTLS" in out and b"<-  220 2.0.0 Ready to start TLS" in out, out
             assert b"TLS started" in out and b"~> AUTH PLAIN" in out, out
             assert b"<~  235" in out and b"<~  250" in out, out
     stored = await wait_delivered(harness.dovecot, mail_user, 2)
