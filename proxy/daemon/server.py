@@ -2,7 +2,8 @@
 shutdown (with systemd notifications and metrics when configured).
 
 long: the Daemon object is what reload, the control socket, the admin page and the metrics
-all hold; its status report and start-up banner (~90 lines) are the next to move out.
+all hold (what it says about itself is in ``report``); the session guard (connection limits,
+TLS, memory release) is the next to move out.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .. import __version__, logs
 from ..admin.host import ADMIN_TLS_VERSION, admin_service
 from ..admin.model import LINK_COMMAND
 from ..config import Account, Settings, TlsVersion, load_config, parse_hostport
-from ..login import Gate, authorize_hint
+from ..login import Gate
 from ..net import Conn, peer_host
 from ..tls.contexts import ServerTls, startup_warnings
 from ..tls.listener import ClientTls
@@ -30,6 +31,7 @@ from ..tls.memory import raise_open_file_limit, release_free_memory, share_tls_r
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
+from . import report
 from .control import AlreadyRunning, ControlError, ControlServer
 from .limits import BUSY, ConnectionLimits, QuietResourceErrors, refuse
 from .metrics import Metrics, MetricsServer
@@ -161,10 +163,11 @@ class Daemon:
                 server.close()
             raise
         await self.control.start()
-        self._banner()
+        report.banner(self.config_path, self.settings,
+                      {name: self.address(name) for name in self.servers})
         async with asyncio.TaskGroup() as tg:
             await asyncio.to_thread(self.open_vaults, settings.accounts)
-            self._report_accounts()
+            report.accounts_at_start(self.settings, self.gate.vault, self.gate.tokens)
             background = [tg.create_task(self.gate.tokens.run(), name="token-refresher"),
                           tg.create_task(self.reloader.run(), name="reloader"),
                           tg.create_task(self.systemd.run(self.status_line), name="systemd"),
@@ -285,24 +288,11 @@ class Daemon:
 
     def needing_attention(self) -> list[str]:
         """Accounts whose grant a person must renew, as last known (no disk access)."""
-        source = self.gate.tokens.source
-        out = []
-        for account in self.settings.accounts:
-            try:
-                if source.last_state(account.key).needs_authorization:
-                    out.append(account.address)
-            except KeyError:
-                continue
-        return out
+        return report.needing_attention(self.settings, self.gate.tokens)
 
     def status_line(self) -> str:
         sessions = sum(self._open.values()) + len(self.smtp.fronts)
-        attention = self.needing_attention()
-        count = len(self.settings.accounts)
-        accounts = (f"{len(attention)} need attention: " + ", ".join(attention) if attention
-                    else "all authorized")
-        return (f"{sessions} session{'' if sessions == 1 else 's'}; "
-                f"{count} account{'' if count == 1 else 's'}, {accounts}")
+        return report.status_line(sessions, self.settings, self.gate.tokens)
 
     def _uses_queue(self) -> bool:
         settings = self.settings
@@ -368,24 +358,10 @@ class Daemon:
 
     async def status_report(self) -> dict[str, Any]:
         """Every account as the token manager knows it: `mailproxy status` and the admin page."""
-        accounts = []
         queued = await self.queue.status() if self.queue is not None else {}
-        for account in self.settings.accounts:
-            status = self.gate.tokens.status(account.key)
-            try:
-                slots = await asyncio.to_thread(self.gate.vault.slots, account.key)
-                meta = await asyncio.to_thread(self.gate.vault.meta, account.key)
-            except (OSError, ValueError):
-                slots, meta = [], {}
-            status["passwords"] = sum(1 for s in slots if s.type != "master")
-            status["master_key_slot"] = any(s.type == "master" for s in slots)
-            status["notifications"] = meta.get("notified") or {}
-            status["sent_this_run"] = self.sent.get(account.key, [])
-            if account.key in queued:
-                status["queue"] = queued[account.key]
-            accounts.append(status)
         return {"pid": os.getpid(), "version": __version__, "started": self.started,
-                "accounts": accounts}
+                "accounts": await report.account_statuses(
+                    self.settings, self.gate.tokens, self.gate.vault, queued, self.sent)}
 
     def open_vaults(self, accounts: Sequence[Account]) -> None:
         """Migrate the earlier plain store and, with a master key, open these vaults now."""
@@ -404,44 +380,6 @@ class Daemon:
                                     "gets a slot for this key then", account.address)
             except (OSError, ValueError) as exc:
                 log.error("account %s: token vault unusable: %s", account.address, exc)
-
-    def _banner(self) -> None:
-        """What a person checks first in a log: which build, which files, which listeners."""
-        log.info("mailproxy %s starting: configuration %s, state directory %s", __version__,
-                 self.config_path or "(none: built-in defaults)", self.settings.state_dir)
-        for name in self.servers:
-            # Off loopback, passwords in the clear are refused (require_tls = "auto"), or
-            # tls.contexts.startup_warnings has said that they are not.
-            log.info("%s listening on %s:%d", name, *self.address(name))
-        for account in self.settings.accounts:
-            protocols = ", ".join(f"{p} via {s.host}:{s.port}" for p in ("imap", "pop3", "smtp")
-                                  if (s := account.server(p)) is not None)
-            log.info("account %s (%s, flow %s): %s", account.address, account.provider,
-                     account.flow, protocols or "no upstream servers")
-
-    def _report_accounts(self) -> None:
-        """Say at start-up what each account still needs, before a client finds out."""
-        vault = self.gate.vault
-        for account in self.settings.accounts:
-            if not vault.exists(account.key) and not vault.has_legacy(account.key):
-                log.warning("account %s is not authorized yet: %s", account.address,
-                            authorize_hint(account))
-                continue
-            status = self.gate.tokens.status(account.key)
-            if status["locked"]:
-                try:  # the reason is kept outside the encryption: known while locked
-                    reason = vault.meta(account.key).get("needs_authorization")
-                except (OSError, ValueError):
-                    reason = None
-                if reason:
-                    log.warning("account %s is not authorized (%s): %s", account.address,
-                                reason, authorize_hint(account))
-                else:
-                    log.info("account %s: token vault locked until the first client login",
-                             account.address)
-            elif not status["authorized"]:
-                log.warning("account %s is not authorized (%s): %s", account.address,
-                            status["needs_authorization"], authorize_hint(account))
 
     def _factory(self, proto: str, session: Session, implicit: bool) -> Callable[[], Conn]:
         def make() -> Conn:
