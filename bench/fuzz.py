@@ -1,20 +1,27 @@
 """Fuzz the pre-login dialogues (IMAP, POP3, SMTP) of a running mailproxy daemon.
 
     python bench/fuzz.py [--protocols imap,pop3,smtp] [--inputs 1000000] [--seconds 0]
-                         [--seed N] [--connections 16] [--per-connection 200] [--json]
+                         [--seed N] [--connections 64] [--sources 64] [--per-connection 200]
+                         [--quick 0.3] [--timeout 10] [--json]
 
 The daemon runs as its own process (``mailproxy run``) on free loopback ports, with one
 account provisioned through the CLI: a login with its password runs the whole local path (the
 vault, the token request to an endpoint that refuses connections) and is answered with a
-temporary failure; no upstream server is needed. Each connection sends many inputs (see
-fuzzgen.py), each followed by a probe command, and checks every reply (fuzzcheck.py). Reported:
+temporary failure; no upstream server is needed. ``--connections`` connections at once, from
+``--sources`` loopback addresses in turn, each send many inputs (see fuzzgen.py) in batches,
+each batch followed by a probe command; every reply is checked (fuzzcheck.py). Reported:
 
 * crash: the daemon exited;
 * log: a traceback or an ERROR line in the daemon's log, or control bytes written into it;
-* malformed: a reply that breaks the protocol's reply grammar (fuzzcheck.py says how);
-* hang: no answer to the probe within ``--timeout`` (after resynchronizing: a line end, then a
-  line long enough to finish any literal);
+* malformed: a reply that breaks the protocol's reply grammar (fuzzcheck.py says how), or
+  bytes in the clear after the STARTTLS go-ahead;
+* hang: no answer to the probe within ``--timeout`` (after resynchronizing: a line long
+  enough to finish any literal, and the probe again), or no close after garbage in place of
+  a TLS handshake;
 * rst: the daemon reset the connection (a reset can lose the last reply).
+
+Where the time goes is printed per protocol: this client's CPU, the daemon's, and how many
+password checks (a scrypt each) the inputs cost it.
 
 The run is reproducible: each connection's inputs come from ``(seed, protocol, connection
 number)``. For each kind of finding the smallest input seen is printed, and shrunk (``--shrink``,
@@ -49,15 +56,25 @@ for path in (str(HERE), str(REPO)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from common import die_with_parent  # noqa: E402
+from common import die_with_parent, proc_cpu  # noqa: E402
 from fuzzcheck import Checker, make_checker  # noqa: E402
 from fuzzgen import PASSWORD, USER, Inputs  # noqa: E402
 
 PROTOCOLS = ("imap", "pop3", "smtp")
-# Finishes any literal the daemon may still be reading (max_literal is 8,192 before login),
-# then ends the line: whatever state the dialogue is in, a reply is due after this.
-_FLUSH = {"imap": b"\r\n" + b"X" * 8200 + b"\r\n", "pop3": b"\r\n", "smtp": b"\r\n"}
+# Connections at once: enough that the daemon always has work while some wait for replies.
+CONNECTIONS = 64
+# How long a batch's replies may take before the fuzzer resynchronizes (an IMAP literal
+# waiting for its bytes); a wait, not a hang, which only --timeout makes.
+QUICK = 0.3
+# Finishes any literal the daemon may still be reading (max_literal is 8,192 before login);
+# the probe after it ends the line: whatever state the dialogue is in, a reply is due then.
+_FLUSH = {"imap": b"\r\n" + b"X" * 8200, "pop3": b"", "smtp": b""}
+# After the STARTTLS go-ahead: completes any TLS record (at most 2^14 + 2,048 octets; an
+# SSLv2-style header says up to 32,767) that the bytes sent since may have begun.
+_TLS_FILLER = b"X" * 33000 + b"\r\n"  # a line end: a daemon not doing TLS answers (malformed)
 _LOG_PROBLEM = re.compile(rb"Traceback|\bERROR\b|CRITICAL")
+# A refused login that cost the daemon a password check (scrypt, ~0.1 s of a core).
+_LOG_CHECKED = re.compile(rb"refused for .* \((?:credentials|authorization)\)")
 _LOG_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 
 
@@ -83,15 +100,18 @@ class Daemon:
         self._dead = socket.socket()
         self._dead.bind(("127.0.0.1", 0))
         self._log_offset = 0
+        self.password_checks = 0  # refused logins that ran a password check, so far
 
     def start(self) -> None:
         dead = self._dead.getsockname()[1]
         lines = [f'state_dir = "{self.tmp / "state"}"', 'log_level = "info"',
                  "[admin]", 'listen = ""', "[tokens]", "retries = 0", "request_timeout = 5",
-                 # The guessing penalty would throttle the fuzzer's wrong logins to one every
-                 # 15 s from its one address: off, so the login paths get their share of input.
+                 # The failure delay would throttle the fuzzer's wrong logins to one every 15 s
+                 # per address: off. The limit per account stays (low): past it, wrong
+                 # passwords for a name are refused without a password check (a scrypt each,
+                 # the daemon's largest cost by far, and one at a time per address).
                  "[auth]", "failure_delay = 0", "max_failures_per_ip = 1000000000",
-                 "max_failures_per_account = 1000000000"]
+                 "max_failures_per_account = 5", "failure_window = 86400"]
         for name in PROTOCOLS:
             # No TLS listener: their default ports may be taken on a shared machine.
             lines += [f"[{name}]", f'listen = "127.0.0.1:{self.ports[name]}"', 'tls_listen = ""']
@@ -130,6 +150,12 @@ class Daemon:
                     raise RuntimeError("the daemon did not start listening within 60 s")
                 time.sleep(0.05)
 
+    def cpu_seconds(self) -> float:
+        if not self.alive():
+            return 0.0
+        assert self.proc is not None
+        return proc_cpu(self.proc.pid)
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -153,6 +179,8 @@ class Daemon:
             cut = data.rfind(b"\n") + 1
             self._log_offset += cut
             for line in data[:cut].splitlines():
+                if _LOG_CHECKED.search(line):
+                    self.password_checks += 1
                 if _LOG_PROBLEM.search(line):
                     problems.append(f"log: {line[:200]!r}")
                 elif _LOG_CONTROL.search(line):
@@ -181,6 +209,7 @@ class Finding:
     detail: str
     conn: int = -1  # connection number (with the seed: reproduces the inputs)
     script: list[bytes] = field(default_factory=list)  # what that connection wrote, in order
+    local: str = ""  # its address and port, as the daemon's log lines show the client
 
     @property
     def size(self) -> int:
@@ -194,16 +223,19 @@ class Stats:
     bytes_sent: int = 0
     replies: int = 0
     resyncs: int = 0
+    tls: int = 0  # connections that got the STARTTLS go-ahead (and ended there)
     sources: Counter[str] = field(default_factory=Counter)
 
 
 class Connection:
     """A client connection: writes segments, reads and checks everything the daemon says."""
 
-    def __init__(self, protocol: str, port: int, timeout: float) -> None:
+    def __init__(self, protocol: str, port: int, timeout: float,
+                 source: str | None = None) -> None:
         self.protocol = protocol
         self.port = port
         self.timeout = timeout
+        self.source = source  # local address (the daemon's checks take turns per address)
         self.checker: Checker = make_checker(protocol)
         self.problems: list[str] = []
         self.script: list[bytes] = []
@@ -213,12 +245,16 @@ class Connection:
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._probes = 0
+        self.resyncs = 0
+        self.local = ""
 
     async def __aenter__(self) -> Connection:
+        local = (self.source, 0) if self.source else None
         reader, self._writer = await asyncio.wait_for(
-            asyncio.open_connection("127.0.0.1", self.port), self.timeout)
+            asyncio.open_connection("127.0.0.1", self.port, local_addr=local), self.timeout)
         sock = self._writer.get_extra_info("socket")
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.local = "{}:{}".format(*sock.getsockname()[:2])  # in the daemon's log lines
         self._reader_task = asyncio.create_task(self._read(reader))
         return self
 
@@ -233,7 +269,7 @@ class Connection:
             while data := await reader.read(65536):
                 self.problems += self.checker.received(data)
                 self._progress.set()
-        except ConnectionResetError:
+        except ConnectionError:  # a reset, or a write that found the connection reset
             self.reset = True
         else:
             self.problems += self.checker.closed()
@@ -255,36 +291,59 @@ class Connection:
 
     async def _drain(self) -> None:
         assert self._writer is not None
-        with contextlib.suppress(ConnectionError):
-            await asyncio.wait_for(self._writer.drain(), self.timeout)
+        if not self._writer.transport.get_write_buffer_size():
+            return  # all in the socket already (most writes): no task, no timer
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            async with asyncio.timeout(self.timeout):
+                await self._writer.drain()
 
     async def wait_settled(self, timeout: float) -> bool:
         """True when every reply due has come (or the daemon closed the connection)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while not (self.eof or self.checker.settled()):
-            self._progress.clear()
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                return False
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), left)
-        return True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not (self.eof or self.checker.settled()):
+                    self._progress.clear()
+                    await self._progress.wait()
+        return self.eof or self.checker.settled()
 
     async def sync(self, quick: float) -> str | None:
         """Send the probe and wait for every reply due; resynchronize if the dialogue waits
-        for more input. Returns a hang's description, or None."""
+        for more input (an IMAP literal). Returns a hang's description, or None."""
         self._probes += 1
         with contextlib.suppress(ConnectionError):
             await self.write([self.checker.probe(self._probes)])
         if await self.wait_settled(quick):
             return None
-        for attempt, flush in enumerate((b"\r\n", _FLUSH[self.protocol])):
+        if not self.checker.tls:
+            self.resyncs += 1
             self._probes += 1
             with contextlib.suppress(ConnectionError):
-                await self.write([flush + self.checker.probe(self._probes)])
-            if await self.wait_settled(quick if attempt == 0 else self.timeout):
+                await self.write([_FLUSH[self.protocol] + self.checker.probe(self._probes)])
+            if await self.wait_settled(self.timeout):
                 return None
+        if self.checker.tls:
+            return await self._after_go_ahead(quick)
         return f"no reply within {self.timeout:g} s after resynchronizing ({self.waiting()})"
+
+    async def _after_go_ahead(self, quick: float) -> str | None:
+        """STARTTLS was answered with the go-ahead, and what was sent since (the probe at
+        least) is no TLS handshake: the daemon must close the connection, with nothing in
+        the clear (the checker looks at that)."""
+        if await self.wait_closed(quick):
+            return None
+        with contextlib.suppress(ConnectionError):
+            await self.write([_TLS_FILLER])
+        if await self.wait_closed(self.timeout):
+            return None
+        return f"no close within {self.timeout:g} s of garbage instead of a TLS handshake"
+
+    async def wait_closed(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.eof:
+                    self._progress.clear()
+                    await self._progress.wait()
+        return self.eof
 
     def waiting(self) -> str:
         """What the checker still waits for, to tell hangs apart."""
@@ -355,7 +414,8 @@ async def shrink(finding: Finding, port: int, timeout: float, budget: float) -> 
             if size == 1:
                 break
             chunks = min(chunks * 2, len(data))
-    return Finding(finding.kind, finding.protocol, detail + " (shrunk)", finding.conn, [data])
+    return Finding(finding.kind, finding.protocol, detail + " (shrunk)", finding.conn, [data],
+                   finding.local)
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -373,6 +433,10 @@ class Run:
     timeout: float
     daemon: Daemon | None = None
     only: int | None = None  # run just this connection (to reproduce a finding)
+    # Local addresses, one per worker in turn: the daemon checks one password at a time
+    # per client address, which would make the workers wait for each other.
+    sources: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    quick: float = QUICK
     stats: Stats = field(default_factory=Stats)
     findings: list[Finding] = field(default_factory=list)
     _next_conn: int = 0
@@ -382,7 +446,7 @@ class Run:
             return False
         return not (self.seconds and time.monotonic() - started >= self.seconds)
 
-    async def _worker(self, started: float) -> None:
+    async def _worker(self, started: float, source: str) -> None:
         while self._budget_left(started):
             if self.daemon is not None and not self.daemon.alive():
                 return
@@ -391,13 +455,14 @@ class Run:
             if self.only is not None and self._next_conn > 1:
                 return
             rng = random.Random(f"{self.seed}:{self.protocol}:{number}")
-            await self._connection(number, rng, started)
+            await self._connection(number, rng, started, source)
 
-    async def _connection(self, number: int, rng: random.Random, started: float) -> None:
+    async def _connection(self, number: int, rng: random.Random, started: float,
+                          source: str) -> None:
         inputs = Inputs(self.protocol, rng)
         self.stats.connections += 1
         try:
-            conn = Connection(self.protocol, self.port, self.timeout)
+            conn = Connection(self.protocol, self.port, self.timeout, source)
             async with conn:
                 if not await conn.wait_settled(self.timeout):
                     self._found("hang", "no greeting", number, conn.script)
@@ -412,37 +477,42 @@ class Run:
                         sent += 1
                         with contextlib.suppress(ConnectionError):
                             await conn.write(segments)
-                    probes = conn._probes
-                    hang = await conn.sync(quick=0.3)
-                    self.stats.resyncs += conn._probes - probes - 1
+                    hang = await conn.sync(self.quick)
                     if conn.problems:
                         for problem in conn.problems:
-                            self._found("malformed", problem, number, conn.script)
+                            self._found("malformed", problem, number, conn.script, conn.local)
                         conn.problems.clear()
                     if hang:
-                        self._found("hang", hang, number, conn.script)
+                        self._found("hang", hang, number, conn.script, conn.local)
                         return
                 if conn.eof:
                     await asyncio.sleep(0)
                 for problem in conn.problems:
-                    self._found("malformed", problem, number, conn.script)
-                if conn.reset:
-                    self._found("rst", "connection reset by the daemon", number, conn.script)
+                    self._found("malformed", problem, number, conn.script, conn.local)
+                # After the STARTTLS go-ahead the daemon closes on garbage it has not read:
+                # the reset can take the go-ahead with it, so any STARTTLS sent excuses one.
+                if conn.reset and not conn.checker.starttls_sent:
+                    self._found("rst", "connection reset by the daemon", number, conn.script,
+                                conn.local)
                 self.stats.replies += conn.checker.replies
+                self.stats.resyncs += conn.resyncs
+                self.stats.tls += conn.checker.tls
         except (ConnectionRefusedError, TimeoutError) as exc:
             if self.daemon is None or self.daemon.alive():
                 self._found("hang", f"cannot connect: {exc!r}", number, [])
 
-    def _found(self, kind: str, detail: str, conn: int, script: list[bytes]) -> None:
-        self.findings.append(Finding(kind, self.protocol, detail, conn, list(script)))
+    def _found(self, kind: str, detail: str, conn: int, script: list[bytes],
+               local: str = "") -> None:
+        self.findings.append(Finding(kind, self.protocol, detail, conn, list(script), local))
 
     async def run(self) -> None:
         started = time.monotonic()
         async with asyncio.TaskGroup() as group:
             watch = group.create_task(self._watch(started))
             async with asyncio.TaskGroup() as workers:
-                for _ in range(self.connections):
-                    workers.create_task(self._worker(started))
+                for i in range(self.connections):
+                    workers.create_task(self._worker(started,
+                                                     self.sources[i % len(self.sources)]))
             watch.cancel()
         if self.daemon is not None:
             for line in self.daemon.new_log_problems():
@@ -480,7 +550,7 @@ def summarize(run: Run, elapsed: float) -> dict[str, Any]:
         "protocol": run.protocol, "inputs": run.stats.inputs,
         "connections": run.stats.connections, "replies": run.stats.replies,
         "bytes_sent": run.stats.bytes_sent, "resyncs": run.stats.resyncs,
-        "sources": dict(run.stats.sources), "seconds": round(elapsed, 1),
+        "tls": run.stats.tls, "sources": dict(run.stats.sources), "seconds": round(elapsed, 1),
         "inputs_per_s": round(run.stats.inputs / elapsed) if elapsed else 0,
         "crashes": kinds["crash"], "hangs": kinds["hang"], "malformed": kinds["malformed"],
         "rst": kinds["rst"], "log": kinds["log"], "findings": dict(details.most_common(30)),
@@ -488,23 +558,44 @@ def summarize(run: Run, elapsed: float) -> dict[str, Any]:
     }
 
 
+def local_sources(count: int) -> list[str]:
+    """``count`` loopback addresses to connect from (Linux routes all of 127/8 to the
+    loopback interface); just 127.0.0.1 where others cannot be bound."""
+    sources = [f"127.0.{i // 250}.{i % 250 + 1}" for i in range(max(1, count))]
+    with socket.socket() as probe:
+        try:
+            probe.bind((sources[-1], 0))
+        except OSError:
+            return ["127.0.0.1"]
+    return sources
+
+
 async def fuzz(protocols: list[str], *, inputs: int, seconds: float, seed: int,
-               connections: int = 16, per_connection: int = 200, timeout: float = 10.0,
-               shrink_budget: float = 20.0, daemon: Daemon | None = None,
-               only: int | None = None,
-               ports: dict[str, int] | None = None) -> tuple[list[dict[str, Any]],
-                                                             list[Finding]]:
+               connections: int = CONNECTIONS, per_connection: int = 200,
+               timeout: float = 10.0, shrink_budget: float = 20.0,
+               daemon: Daemon | None = None, only: int | None = None,
+               ports: dict[str, int] | None = None, sources: int = CONNECTIONS,
+               quick: float = QUICK) -> tuple[list[dict[str, Any]], list[Finding]]:
     """Run each protocol in turn; returns the summaries and the smallest finding of each
     (protocol, kind), shrunk."""
     summaries: list[dict[str, Any]] = []
     smallest: list[Finding] = []
+    addresses = local_sources(sources)
     for protocol in protocols:
         port = (ports or {}).get(protocol) or (daemon.ports[protocol] if daemon else 0)
         run = Run(protocol, port, seed, inputs, seconds, connections, per_connection, timeout,
-                  daemon, only)
+                  daemon, only, addresses, quick)
         started = time.monotonic()
+        cpu = (time.process_time(), daemon.cpu_seconds() if daemon else 0.0,
+               daemon.password_checks if daemon else 0)
         await run.run()
-        summaries.append(summarize(run, time.monotonic() - started))
+        summary = summarize(run, time.monotonic() - started)
+        # Where the time went: this client's CPU, the daemon's, and its password checks.
+        summary["client_cpu_s"] = round(time.process_time() - cpu[0], 1)
+        if daemon is not None:
+            summary["daemon_cpu_s"] = round(daemon.cpu_seconds() - cpu[1], 1)
+            summary["password_checks"] = daemon.password_checks - cpu[2]
+        summaries.append(summary)
         best: dict[str, Finding] = {}
         for finding in run.findings:
             if finding.kind not in best or finding.size < best[finding.kind].size:
@@ -525,14 +616,17 @@ def report(summaries: list[dict[str, Any]], smallest: list[Finding], seed: int) 
               f"{s['crashes']:5} {s['hangs']:5} {s['malformed']:9} {s['rst']:5} {s['log']:5} "
               f"{s['resyncs']:7}")
     for s in summaries:
+        print(f"  {s['protocol']}: {s['seconds']} s; CPU: client {s['client_cpu_s']} s, daemon "
+              f"{s.get('daemon_cpu_s', '?')} s; {s.get('password_checks', '?')} password checks")
+    for s in summaries:
         for detail, count in s["findings"].items():
             print(f"  {s['protocol']}: {count:7} x {detail}")
             if s["examples"][detail] != detail:
                 print(f"           e.g. {s['examples'][detail][:300]}")
     for f in smallest:
         script = b"".join(f.script)
-        print(f"\nsmallest {f.protocol} {f.kind} (connection {f.conn}, {len(script)} bytes): "
-              f"{f.detail}\n  input: {script[-2000:]!r}")
+        print(f"\nsmallest {f.protocol} {f.kind} (connection {f.conn} from {f.local or '?'}, "
+              f"{len(script)} bytes): {f.detail}\n  input: {script[-2000:]!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -541,7 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", type=int, default=1_000_000, help="per protocol (0: no cap)")
     parser.add_argument("--seconds", type=float, default=0, help="per protocol (0: no cap)")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--connections", type=int, default=16, help="at once")
+    parser.add_argument("--connections", type=int, default=CONNECTIONS, help="at once")
+    parser.add_argument("--sources", type=int, default=CONNECTIONS,
+                        help="loopback addresses to connect from, in turn")
+    parser.add_argument("--quick", type=float, default=QUICK,
+                        help="seconds to wait for the replies to a batch before resyncing")
     parser.add_argument("--per-connection", type=int, default=200,
                         help="inputs on one connection before the next")
     parser.add_argument("--timeout", type=float, default=10.0, help="for a reply (a hang)")
@@ -568,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
             protocols, inputs=args.inputs, seconds=args.seconds, seed=seed,
             connections=args.connections, per_connection=args.per_connection,
             timeout=args.timeout, shrink_budget=args.shrink, daemon=daemon,
-            only=args.connection))
+            only=args.connection, sources=args.sources, quick=args.quick))
         rss_after = daemon.rss_mb()
     except KeyboardInterrupt:
         return 130
@@ -583,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                           "rss_mb": [round(rss_before, 1), round(rss_after, 1)],
                           "smallest": [{"protocol": f.protocol, "kind": f.kind,
                                         "detail": f.detail, "connection": f.conn,
+                                        "from": f.local,
                                         "input": repr(b"".join(f.script))}
                                        for f in smallest]}, indent=2))
     else:

@@ -5,6 +5,10 @@ Each checker follows the client's side of one connection: ``sent`` gets every by
 short strings (empty list: all well) and say with ``settled`` whether every reply due so far has
 arrived. POP3 and SMTP answer each LF-terminated line with exactly one reply, so their checkers
 pair lines with replies; IMAP replies are matched by tag (the fuzzer's probe) instead.
+
+After the go-ahead to STARTTLS (STLS) the daemon expects a TLS handshake: the checkers then
+allow nothing in the clear (a reply there means a command sent before the go-ahead ran: the
+STARTTLS injection class), only TLS records (an alert), and the close that must follow.
 """
 
 from __future__ import annotations
@@ -17,10 +21,21 @@ _IMAP_TAGGED = re.compile(rb"([^ ]+) (OK|NO|BAD) (.+)")
 _IMAP_UNTAGGED = re.compile(rb"\* [^ ].*")
 # RFC 3501 ASTRING-CHAR minus "+": what a tag may hold.
 _TAG_BAD = frozenset(b'(){ %*"\\+') | frozenset(range(0x20)) | frozenset(range(0x7F, 0x100))
+# How the daemon's go-ahead to STARTTLS (STLS) begins: a reply that only pairs with the
+# command (tags repeat) must not be taken for it.
+_GO_AHEAD = b"Begin TLS"
 _SMTP_LINE = re.compile(rb"([2-5][0-9][0-9])([ -])(.*)")
 _ENHANCED = re.compile(rb"([245])\.[0-9]{1,3}\.[0-9]{1,3}(?: |$)")
 SMTP_MAX_REPLY_LINE = 512  # RFC 5321 4.5.3.1.5, CRLF included
 POP3_MAX_REPLY_LINE = 512  # RFC 2449 section 4, CRLF included
+
+
+def tls_problem(data: bytes) -> str | None:
+    """``data`` came after the STARTTLS go-ahead: TLS records (an alert) or nothing."""
+    if not data or (data[0] in (0x15, 0x16) and data[1:2] in (b"", b"\x03")):
+        return None
+    return f"bytes in the clear after the STARTTLS go-ahead (a command sent before it ran?): " \
+        f"{data[:120]!r}"
 
 
 def valid_imap_tag(tag: bytes) -> bool:
@@ -52,6 +67,10 @@ class _Lines:
         del self.buf[:start]
         return lines
 
+    def rest(self) -> bytes:
+        data, self.buf = bytes(self.buf), bytearray()
+        return data
+
 
 class ImapChecker:
     """IMAP: tagged, untagged and continuation lines; tags must be ones the client sent."""
@@ -65,28 +84,45 @@ class ImapChecker:
         self._waiting: bytes | None = None  # probe tag whose completion is due
         self._greeted = False
         self._bye = False
+        self._starttls: set[bytes] = set()  # tags of STARTTLS commands
+        self.starttls_sent = False
+        self.tls = False  # the go-ahead to STARTTLS came: a handshake is due, no more text
         self.replies = 0
 
     def probe(self, n: int) -> bytes:
         tag = b"P%d" % n
         self._waiting = tag
-        return tag + b" NOOP\r\n"
+        # The line end first: it ends a line an input left open, or answers a continuation
+        # request, so that the probe is read as a command.
+        return b"\r\n" + tag + b" NOOP\r\n"
 
     def sent(self, data: bytes) -> None:
         for line in self._out.feed(data):
-            self._tags.add(line.removesuffix(b"\r").split(b" ", 1)[0])
+            words = line.removesuffix(b"\r").split(b" ", 2)
+            self._tags.add(words[0])
+            if len(words) > 1 and words[1].upper() == b"STARTTLS":
+                self._starttls.add(words[0])  # the daemon decides if it is one
+                self.starttls_sent = True
 
     def settled(self) -> bool:
-        return self._greeted and self._waiting is None
+        return self._greeted and self._waiting is None and not self.tls
 
     def received(self, data: bytes) -> list[str]:
+        if self.tls:
+            problem = tls_problem(data)
+            return [problem] if problem else []
         problems: list[str] = []
-        for raw in self._in.feed(data):
+        lines = self._in.feed(data)
+        for i, raw in enumerate(lines):
             self.replies += 1
             problem = _line_problem(raw)
             structure = self._check(raw.removesuffix(b"\r"))
             if problem or structure:
                 problems.append(f"{problem or structure}: {raw[:120]!r}")
+            if self.tls:
+                rest = b"".join(line + b"\n" for line in lines[i + 1:]) + self._in.rest()
+                problem = tls_problem(rest)
+                return problems + ([problem] if problem else [])
         return problems
 
     def _check(self, line: bytes) -> str | None:
@@ -114,13 +150,15 @@ class ImapChecker:
         text = match.group(3)
         if text.startswith(b"[") and b"]" not in text:
             return "unterminated response code"
+        if tag in self._starttls and match.group(2) == b"OK" and text.startswith(_GO_AHEAD):
+            self.tls = True
         return None
 
     def closed(self) -> list[str]:
         problems = []
         if self._in.buf:
             problems.append(f"connection closed mid-line: {bytes(self._in.buf[:120])!r}")
-        if self._greeted and not self._bye:
+        if self._greeted and not self._bye and not self.tls:
             problems.append("connection closed without * BYE")
         return problems
 
@@ -136,13 +174,40 @@ class _Paired:
         self.pending: list[bytes] = []  # client lines not answered yet
         self._greeted = False
         self._continuation = False  # the last reply asked for a SASL response line
+        self.tls = False  # the go-ahead to STARTTLS (STLS) came: a handshake is due
+        self.starttls_sent = False
         self.replies = 0
 
+    def probe(self, n: int) -> bytes:
+        # The line end first (see ImapChecker.probe): an empty command line, answered too.
+        return b"\r\nNOOP\r\n"
+
     def sent(self, data: bytes) -> None:
-        self.pending += self._out.feed(data)
+        lines = self._out.feed(data)
+        self.pending += lines
+        self.starttls_sent = self.starttls_sent or any(
+            line.split(b" ", 1)[0].removesuffix(b"\r").upper() in (b"STARTTLS", b"STLS")
+            for line in lines)
 
     def settled(self) -> bool:
-        return self._greeted and not self.pending
+        return self._greeted and not self.pending and not self.tls
+
+    def _go_ahead(self, command: bytes, ok: bool, verb: bytes) -> None:
+        if ok and command.split(b" ", 1)[0].removesuffix(b"\r").upper() == verb:
+            self.tls = True
+            self.pending.clear()  # read by no one: dropped before the handshake
+
+    def _feed(self, data: bytes) -> tuple[list[bytes], list[str]]:
+        """The reply lines in ``data`` up to the go-ahead, and the problems after it."""
+        if self.tls:
+            problem = tls_problem(data)
+            return [], [problem] if problem else []
+        return self._in.feed(data), []
+
+    def _after_go_ahead(self, lines: list[bytes], i: int) -> list[str]:
+        rest = b"".join(line + b"\n" for line in lines[i + 1:]) + self._in.rest()
+        problem = tls_problem(rest)
+        return [problem] if problem else []
 
 
 class Pop3Checker(_Paired):
@@ -155,9 +220,6 @@ class Pop3Checker(_Paired):
         self._body = False  # inside a multi-line answer
         self._extra = 0  # replies with no client line to answer (allowed once, before a close)
 
-    def probe(self, n: int) -> bytes:
-        return b"NOOP\r\n"
-
     def _multiline(self, command: bytes) -> bool:
         # As the daemon reads a command: a keyword of up to 4 ASCII letters, then arguments.
         keyword, _, rest = command.removesuffix(b"\r").partition(b" ")
@@ -167,8 +229,8 @@ class Pop3Checker(_Paired):
         return keyword == b"CAPA" or (keyword == b"AUTH" and not rest.split())
 
     def received(self, data: bytes) -> list[str]:
-        problems: list[str] = []
-        for raw in self._in.feed(data):
+        lines, problems = self._feed(data)
+        for i, raw in enumerate(lines):
             problem = _line_problem(raw)
             if problem is None and len(raw) + 1 > POP3_MAX_REPLY_LINE:
                 problem = f"reply line of {len(raw) + 1} octets"
@@ -176,6 +238,8 @@ class Pop3Checker(_Paired):
             structure = self._check(raw.removesuffix(b"\r"))
             if problem or structure:
                 problems.append(f"{problem or structure}: {raw[:120]!r}")
+            if self.tls:
+                return problems + self._after_go_ahead(lines, i)
         return problems
 
     def _check(self, line: bytes) -> str | None:
@@ -203,6 +267,8 @@ class Pop3Checker(_Paired):
             return "+ continuation to something other than AUTH"
         if ok and not sasl and self._multiline(command):
             self._body = True
+        if not sasl:
+            self._go_ahead(command, ok and line[4:].startswith(_GO_AHEAD), b"STLS")
         return None
 
     def closed(self) -> list[str]:
@@ -227,12 +293,9 @@ class SmtpChecker(_Paired):
         self._last_code = b""
         self._extra = 0
 
-    def probe(self, n: int) -> bytes:
-        return b"NOOP\r\n"
-
     def received(self, data: bytes) -> list[str]:
-        problems: list[str] = []
-        for raw in self._in.feed(data):
+        lines, problems = self._feed(data)
+        for i, raw in enumerate(lines):
             problem = _line_problem(raw)
             if problem is None and len(raw) + 1 > SMTP_MAX_REPLY_LINE:
                 problem = f"reply line of {len(raw) + 1} octets"
@@ -248,10 +311,12 @@ class SmtpChecker(_Paired):
                 problems.append(f"reply changes code mid-reply: {raw[:120]!r}")
             self._lines.append((code, sep, text))
             if sep == b" ":
-                lines, self._lines = self._lines, []
-                problem = self._reply(lines)
+                reply, self._lines = self._lines, []
+                problem = self._reply(reply)
                 if problem is not None:
                     problems.append(f"{problem}: {raw[:120]!r}")
+                if self.tls:
+                    return problems + self._after_go_ahead(lines, i)
         return problems
 
     def _reply(self, lines: list[tuple[bytes, bytes, bytes]]) -> str | None:
@@ -274,6 +339,8 @@ class SmtpChecker(_Paired):
                 self._enhanced = verb == b"EHLO" and any(
                     t.upper() == b"ENHANCEDSTATUSCODES" for _, _, t in lines[1:])
             return None  # RFC 2034: no enhanced codes on the replies to HELO and EHLO
+        if not sasl:
+            self._go_ahead(command, code == b"220", b"STARTTLS")
         if self._enhanced and code[:1] in b"245":
             for _, _, text in lines:
                 match = _ENHANCED.match(text)
@@ -285,7 +352,7 @@ class SmtpChecker(_Paired):
         problems = []
         if self._in.buf or self._lines:
             problems.append("connection closed mid-reply")
-        if self._greeted and self._last_code not in (b"221", b"421"):
+        if self._greeted and self._last_code not in (b"221", b"421") and not self.tls:
             problems.append(f"connection closed after a {self._last_code.decode()} "
                             "(only 221 and 421 may close)")
         return problems

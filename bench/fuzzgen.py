@@ -4,9 +4,10 @@ bytes, bare CR or LF, interleaved IMAP literals).
 
 Everything comes from one ``random.Random``, so a seed gives the same inputs again.
 
-No input starts TLS for real (STARTTLS/STLS only with arguments or misspelt): after an
-accepted STARTTLS the bytes are a TLS handshake, not commands, and the checks here read plain
-text; the upgrade and its injection defence are tested in tests/integration/test_local_tls*.py.
+Some inputs are STARTTLS (STLS) with commands pipelined behind it: after the go-ahead the
+daemon must drop those unread and take what follows (more commands, the fuzzer's probe) as a
+failed TLS handshake, and close; the checkers allow nothing in the clear after the go-ahead.
+A real handshake and the upgraded session are tested in tests/integration/test_local_tls*.py.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import random
 from collections.abc import Callable
 
 USER = "fuzz@example.test"
-PASSWORD = "fuzz-local-password"  # the account's local password: a login runs to the token step
+# The account's local password: a login with it runs to the token step. Its characters need
+# quoting or a literal in IMAP and end a POP3 line only at CRLF.
+PASSWORD = 'fuzz pw "q" \\ ]{3}(é)%* x'
 UNKNOWN = "nobody@example.test"
+_USER_FORMS = (USER, USER.upper(), "Fuzz@Example.TEST")
 
 # Line lengths around the limits the daemon and the RFCs set (content length, before CRLF).
 _EDGES = (253, 254, 255, 256, 510, 511, 512, 513, 998, 999, 1000, 1001, 1002, 1024, 1100,
@@ -33,9 +37,9 @@ _SESSIONS: dict[str, list[bytes]] = {
     "imap": [
         b"1 capability\r\n2 ID (\"name\" \"Thunderbird\" \"version\" \"115.6.0\")\r\n"
         b"3 authenticate PLAIN\r\n{PLAIN}\r\n",
-        b"a0000 CAPABILITY\r\na0001 LOGIN \"{USER}\" \"{PASS}\"\r\n",
+        b"a0000 CAPABILITY\r\na0001 LOGIN {QUSER} {QPASS}\r\n",
         b"A001 CAPABILITY\r\nA002 AUTHENTICATE PLAIN {PLAIN}\r\n",
-        b"1 ID (\"name\" \"com.fsck.k9\" \"version\" \"6.7\")\r\n2 LOGIN {USER} {PASS}\r\n",
+        b"1 ID (\"name\" \"com.fsck.k9\" \"version\" \"6.7\")\r\n2 LOGIN {USER} {QPASS}\r\n",
         b"1.1 CAPABILITY\r\n1.2 ID (\"name\" \"iPhone Mail\" \"os\" \"iOS\")\r\n"
         b"2.1 LOGIN {{{ULEN}}}\r\n{USER} {{{PLEN}}}\r\n{PASS}\r\n",
         b"1 LOGIN {{{ULEN}+}}\r\n{USER} {{{PLEN}+}}\r\n{PASS}\r\n",
@@ -64,6 +68,11 @@ _SESSIONS: dict[str, list[bytes]] = {
 }
 
 
+def _quoted(text: str) -> bytes:
+    """An IMAP quoted string."""
+    return b'"' + text.encode().replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
 def _plain(user: str, password: str, authzid: str = "") -> bytes:
     return base64.b64encode(f"{authzid}\0{user}\0{password}".encode())
 
@@ -72,29 +81,37 @@ class Inputs:
     """Generated and mutated inputs for one protocol. ``next()`` gives one input as the list
     of segments to write (separate writes: a command split at random points)."""
 
-    def __init__(self, protocol: str, rng: random.Random, *, wrong_password_rate: float = 0.0005,
-                 big_rate: float = 0.01) -> None:
+    def __init__(self, protocol: str, rng: random.Random, *, check_rate: float = 0.002,
+                 credentials_mutated: float = 0.1, big_rate: float = 0.01,
+                 starttls_rate: float = 0.002) -> None:
         self.protocol = protocol
         self.rng = rng
-        self.wrong_password_rate = wrong_password_rate
+        self.starttls_rate = starttls_rate  # ends the connection when the daemon says go
+        self.check_rate = check_rate
+        self.credentials_mutated = credentials_mutated
+        self._credentials_used = False
         self.big_rate = big_rate
-        self._pristine = True  # the input being made goes out unmutated
         self._grammar: Callable[[], bytes] = {
             "imap": self._imap, "pop3": self._pop3, "smtp": self._smtp}[protocol]
 
     # -- shared pieces ---------------------------------------------------------------------
 
     def _credentials(self) -> tuple[str, str]:
-        r = self.rng.random()
-        if r < self.wrong_password_rate:
-            return USER, "wrong-" + str(self.rng.randrange(10**6))  # pays the scrypt
-        # Not into a mutation: a flipped bit in the password makes a wrong guess, which costs
-        # the daemon a scrypt and queues behind the others (that is item 2's business).
-        if r < 0.5 and self._pristine:
-            return USER, PASSWORD
-        if r < 0.8:
-            return UNKNOWN, PASSWORD
-        return self._word(True), self._word(True)
+        """Mostly the account's own, its name in any case (a password the daemon verified
+        once costs no check again: the login runs on to the token step); at ``check_rate``
+        one that costs the daemon a password check (a scrypt, ~0.1 s of a core, one at a time
+        per client address): an unknown user or a wrong password. Mutated inputs make more
+        of those (a flipped bit in a password)."""
+        rng = self.rng
+        self._credentials_used = True
+        if rng.random() < self.check_rate:
+            r = rng.random()
+            if r < 0.3:
+                return USER, "wrong-" + self._word(True)
+            if r < 0.6:
+                return UNKNOWN, PASSWORD
+            return self._word(True), self._word(True)
+        return rng.choice(_USER_FORMS), PASSWORD
 
     def _word(self, odd: bool = False) -> str:
         rng = self.rng
@@ -115,6 +132,7 @@ class Inputs:
             b"{PLAIN}": _plain(user, password), b"{BIG}": big.encode(),
             b"{B64USER}": base64.b64encode(user.encode()),
             b"{B64PASS}": base64.b64encode(password.encode()),
+            b"{QUSER}": _quoted(user), b"{QPASS}": _quoted(password),
         }
         for key, value in fields.items():
             text = text.replace(key, value)
@@ -309,14 +327,37 @@ class Inputs:
         cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randrange(1, 4))))
         return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
+    def _starttls(self) -> bytes:
+        """STARTTLS (STLS), maybe after EHLO, and commands pipelined behind it."""
+        rng = self.rng
+        user, password = self._credentials()
+        plain = _plain(user, password)
+        if self.protocol == "imap":
+            tag = self._imap_tag()
+            behind = rng.choice((b"", b"b LOGIN " + _quoted(user) + b" " + _quoted(password),
+                                 b"b AUTHENTICATE PLAIN " + plain, b"b NOOP", b"b CAPABILITY"))
+            return tag + b" STARTTLS\r\n" + (behind + b"\r\n" if behind else b"")
+        if self.protocol == "pop3":
+            behind = rng.choice((b"", b"USER " + user.encode() + b"\r\nPASS " +
+                                 password.encode(), b"AUTH PLAIN " + plain, b"CAPA", b"NOOP"))
+            return b"STLS\r\n" + (behind + b"\r\n" if behind else b"")
+        behind = rng.choice((b"", b"AUTH PLAIN " + plain, b"MAIL FROM:<a@example.test>",
+                             b"EHLO again", b"NOOP"))
+        return (rng.choice((b"EHLO x\r\n", b"")) + b"STARTTLS\r\n" +
+                (behind + b"\r\n" if behind else b""))
+
     def next(self) -> tuple[str, list[bytes]]:
         """(where it came from, the segments to write)"""
         rng = self.rng
+        if rng.random() < self.starttls_rate:
+            return "starttls", self._split(self._starttls())
         r = rng.random()
-        self._pristine = self.big_rate <= r < 0.45
         if r < self.big_rate:
             return "oversized", self._split(self._oversize(self._grammar()))
+        self._credentials_used = False
         data = self._grammar()
-        if r < 0.45:
+        # A mutated login is mostly a wrong password or an unknown user, which costs the
+        # daemon a password check (see _credentials): those are mutated less often.
+        if r < 0.45 or (self._credentials_used and rng.random() >= self.credentials_mutated):
             return "grammar", self._split(data)
         return "mutated", self._split(self._mutate(data))
