@@ -324,8 +324,6 @@ class AccountWorker:
         """The account needs authorization: nothing is tried (expired messages still bounce)
         until it has it; the token side sends its own notification."""
         first = self.status.waiting_for != reason
-        self.status.waiting_for = reason
-        self.status.last_error = reason
         await self._drop()
         for record in await self.spool.index.due(self.key, now, 10_000):
             if now - record.received >= self.lifetime:
@@ -333,5 +331,8 @@ class AccountWorker:
             elif first and record.last_error != reason:
                 record.last_error = reason
                 await self.spool.index.update(record)
+        # Said once the messages carry the reason too (status and index agree).
+        self.status.waiting_for = reason
+        self.status.last_error = reason
         if first:
             log.warning("queue: messages of %s wait: %s", self.account.address, reason)
