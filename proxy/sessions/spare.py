@@ -119,14 +119,17 @@ class SpareSessions:
         self.pool.drop(account_key)
 
     def reconfigure(self, settings: Settings) -> None:
-        """A reload: new limits, and the spares of removed or changed accounts closed."""
-        self.settings = settings
+        """A reload: new limits, and the spares of removed or changed accounts closed (those
+        kept were made for the running configuration: ``_current`` refuses the others)."""
+        old, self.settings = self.settings, settings
         self.pool.idle_timeout = settings.imap.spare_idle
         self.pool.per_account = settings.imap.spare_sessions
         for key in [*self.pool.accounts(), *self._making]:
-            if settings.account(key) is None or settings.imap.spare_sessions == 0:
+            account = settings.account(key)
+            if account is None or account != old.account(key) \
+                    or settings.imap.spare_sessions == 0:
                 self.drop(key)
-        self.pool.expire()  # changed accounts are told apart per spare by _current
+        self.pool.expire()
 
     def _current(self, spare: Spare) -> bool:
         account = spare.account

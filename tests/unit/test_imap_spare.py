@@ -168,6 +168,15 @@ async def test_an_account_changed_or_removed_by_a_reload_gets_no_spare() -> None
         spares.used(moved)
         await made(spares)
         assert await spares.take(moved) is not None  # made for the new configuration
+        spares.used(moved)
+        await made(spares)
+        spare = spares.pool._idle[a.key][0][1]
+        spares.reconfigure(settings(a))  # changed back: closed at the reload, not later
+        assert spare.session.closed and spares.pool.idle(a.key) == 0
+        spares.used(a)
+        await made(spares)
+        spares.reconfigure(settings(a, b))  # unchanged: kept
+        assert spares.pool.idle(a.key) == 1
     assert gate.observer.spares == ["stale", "hit"]
 
 
