@@ -36,9 +36,15 @@ Measured, against the same Dovecot:
    client = this process).
 
 2. Login latency with a cached token: ``--logins`` sequential logins per path, alternating:
-   connect, greeting, login, tagged OK (timed), then LOGOUT and close (untimed). The direct path
-   does its TLS handshake (no session resumption, like the proxy); the proxy path's client
-   connects in plain text and the proxy does the TLS handshake upstream.
+   connect, greeting, login, tagged OK (timed), then LOGOUT and close (untimed), and a pause
+   of ``--gap`` ms before the next login (a spare being made after one login must not compete
+   with the next path's timed login). The direct path does its TLS handshake (no session
+   resumption, like the proxy); the proxy path's client connects in plain text and the proxy
+   does the TLS handshake upstream. The proxy runs as configured by default, with a spare
+   upstream session ready for the account's next login (``[imap] spare_sessions = 1``: the
+   verdicts are on these), and a second proxy process with ``spare_sessions = 0`` is measured
+   in the same rounds (``proxy-nospare``, ``proxy-tls-nospare``): what a login costs when no
+   spare is ready (the first login of an account, or one after ``spare_idle``).
 
 Goals: proxy throughput >= 0.9 x direct, proxy login p50 <= direct p50 + 5 ms; over the
 implicit-TLS listener >= 0.8 x direct and login p50 <= direct p50 + 3 ms (issue 11). The
@@ -56,6 +62,7 @@ import re
 import socket
 import ssl
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -71,6 +78,7 @@ from common import (  # the repository root goes on sys.path here
     proc_cpu,
     progress,
     run,
+    stop_proxy,
 )
 
 from tests.support.dovecot import Dovecot, dovecot_available
@@ -90,7 +98,8 @@ LOGIN_GOAL_MS = 5.0
 TLS_THROUGHPUT_GOAL = 0.8
 TLS_LOGIN_GOAL_MS = 3.0
 _LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n$")
-_PROXY_LOGIN_LOG = re.compile(rb"imap login for \S+ via \S+ in ([\d.]+) ms")
+_PROXY_LOGIN_LOG = re.compile(
+    rb"imap login for \S+ from \S+ via \S+( \(spare\))? in ([\d.]+) ms")
 
 
 
@@ -281,6 +290,12 @@ class Environment(ImapServers):
         self.proxy_port = 0
         self.proxy_tls_port = 0
         self.proxy_tls: ssl.SSLContext | None = None
+        # The second proxy, [imap] spare_sessions = 0: its ports, CA and log.
+        self.nospare: subprocess.Popen[bytes] | None = None
+        self.nospare_port = 0
+        self.nospare_tls_port = 0
+        self.nospare_tls: ssl.SSLContext | None = None
+        self.nospare_log = self.tmp / "nospare" / "proxy.log"
         self.ca: TestCA | None = None
         self.tls: ssl.SSLContext | None = None
         self.mailbox_bytes = 0
@@ -318,6 +333,22 @@ class Environment(ImapServers):
             {"tls_listen": f'"127.0.0.1:{self.proxy_tls_port}"'})
         # Trust the proxy's own CA, as a client would after `mailproxy tls export-ca`.
         self.proxy_tls = ssl.create_default_context(cafile=str(export_proxy_ca(self.tmp)))
+        other = self.tmp / "nospare"  # its own state directory, CA and log
+        other.mkdir()
+        self.nospare_port = free_port()
+        self.nospare_tls_port = free_port()
+        self.nospare = launch_proxy(
+            other, "imap", self.nospare_port, USER, LOCAL_PASSWORD, self.token_server,
+            self.ca.ca_cert, {"imap_server": f'"127.0.0.1:{self.dovecot.imaps_port}"',
+                              "imap_tls": '"implicit"'},
+            {"tls_listen": f'"127.0.0.1:{self.nospare_tls_port}"', "spare_sessions": "0"})
+        self.nospare_tls = ssl.create_default_context(cafile=str(export_proxy_ca(other)))
+
+    def stop(self) -> None:
+        if self.nospare is not None:
+            proc, self.nospare = self.nospare, None
+            stop_proxy(proc)
+        super().stop()
 
     # -- clients -------------------------------------------------------------------------
 
@@ -328,10 +359,12 @@ class Environment(ImapServers):
     def login(self, path: str, token: str) -> FastImap:
         """A logged-in client on ``path`` (proxy, direct, direct-plain)."""
         assert self.dovecot is not None
-        if path in ("proxy", "proxy-tls"):
-            client, _ = FastImap.connect(
-                *((self.proxy_port,) if path == "proxy" else (self.proxy_tls_port,
-                                                              self.proxy_tls)))
+        if path.startswith("proxy"):
+            client, _ = FastImap.connect(*{
+                "proxy": (self.proxy_port, None),
+                "proxy-tls": (self.proxy_tls_port, self.proxy_tls),
+                "proxy-nospare": (self.nospare_port, None),
+                "proxy-tls-nospare": (self.nospare_tls_port, self.nospare_tls)}[path])
             client.command(f"LOGIN {imap_quote(USER)} {imap_quote(LOCAL_PASSWORD)}")
             return client
         if path == "direct":
@@ -342,13 +375,22 @@ class Environment(ImapServers):
         client.command(f"AUTHENTICATE XOAUTH2 {sasl.decode()}")
         return client
 
-    def proxy_log_offset(self) -> int:
-        return self.proxy_log.stat().st_size
+    def proxy_log_offsets(self) -> tuple[int, int]:
+        return self.proxy_log.stat().st_size, self.nospare_log.stat().st_size
 
-    def proxy_login_times(self, offset: int) -> list[float]:
-        with self.proxy_log.open("rb") as f:
-            f.seek(offset)
-            return [float(m.group(1)) for m in _PROXY_LOGIN_LOG.finditer(f.read())]
+    def proxy_login_times(self, offsets: tuple[int, int]) -> dict[str, list[float]]:
+        """The daemons' own "imap login ... in N ms" since ``offsets``: the default proxy's
+        logins that took a spare and those that did not, and the second proxy's."""
+        out: dict[str, list[float]] = {"spare": [], "no spare": [], "nospare proxy": []}
+        for log, offset, spare_proxy in ((self.proxy_log, offsets[0], True),
+                                         (self.nospare_log, offsets[1], False)):
+            with log.open("rb") as f:
+                f.seek(offset)
+                for m in _PROXY_LOGIN_LOG.finditer(f.read()):
+                    key = "nospare proxy" if not spare_proxy \
+                        else "spare" if m.group(1) else "no spare"
+                    out[key].append(float(m.group(2)))
+        return out
 
 
 # -------------------------------------------------------------------------- measurements
@@ -419,29 +461,33 @@ def measure_fetch(env: Environment, rounds: int, paths: list[str]) -> FetchResul
     return result
 
 
-def timed_login(env: Environment, path: str, token: str) -> float:
+LOGIN_PATHS = ("proxy", "direct", "proxy-tls", "proxy-nospare", "proxy-tls-nospare")
+
+
+def timed_login(env: Environment, path: str, token: str, gap: float = 0.0) -> float:
     t0 = time.perf_counter()
     client = env.login(path, token)
     elapsed = time.perf_counter() - t0
     client.logout()
+    time.sleep(gap)
     return elapsed * 1000
 
 
-def measure_logins(env: Environment, count: int) -> tuple[dict[str, list[float]], list[float]]:
+def measure_logins(env: Environment, count: int, gap: float
+                   ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     token = env.access_token()
     progress("logins: warm-up (the first proxy login runs scrypt and fetches a token)")
-    paths = ("proxy", "direct", "proxy-tls")
     for _ in range(10):
-        for path in paths:
-            timed_login(env, path, token)
-    offset = env.proxy_log_offset()
-    times: dict[str, list[float]] = {path: [] for path in paths}
+        for path in LOGIN_PATHS:
+            timed_login(env, path, token, gap)
+    offsets = env.proxy_log_offsets()
+    times: dict[str, list[float]] = {path: [] for path in LOGIN_PATHS}
     for i in range(count):
-        order = paths if i % 2 == 0 else tuple(reversed(paths))
+        order = LOGIN_PATHS if i % 2 == 0 else tuple(reversed(LOGIN_PATHS))
         for path in order:
-            times[path].append(timed_login(env, path, token))
+            times[path].append(timed_login(env, path, token, gap))
     time.sleep(0.2)  # let the proxy's log lines reach the file
-    return times, env.proxy_login_times(offset)
+    return times, env.proxy_login_times(offsets)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -456,10 +502,12 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def summarize(env: Environment, fetch: FetchResult, logins: dict[str, list[float]],
-              proxy_internal: list[float], args: argparse.Namespace) -> dict[str, Any]:
+              proxy_internal: dict[str, list[float]], args: argparse.Namespace
+              ) -> dict[str, Any]:
     out: dict[str, Any] = {
         "config": {"messages": args.messages, "size": args.size, "rounds": args.rounds,
-                   "logins": args.logins, "mailbox_bytes": env.mailbox_bytes,
+                   "logins": args.logins, "gap_ms": args.gap,
+                   "mailbox_bytes": env.mailbox_bytes,
                    "cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "fetch": {}, "login_ms": {},
     }
@@ -487,8 +535,11 @@ def summarize(env: Environment, fetch: FetchResult, logins: dict[str, list[float
     out["fetch"]["verdict"] = "PASS" if ratio >= THROUGHPUT_GOAL else "MISS"
     for path, values in logins.items():
         out["login_ms"][path] = percentiles(values)
-    if proxy_internal:
-        out["login_ms"]["proxy_internal"] = percentiles(proxy_internal)
+    for name, values in proxy_internal.items():
+        if values:
+            out["login_ms"][f"proxy's log, {name}"] = percentiles(values)
+    out["login_ms"]["spare_hits"] = len(proxy_internal["spare"])
+    out["login_ms"]["spare_misses"] = len(proxy_internal["no spare"])
     diff = out["login_ms"]["proxy"]["p50"] - out["login_ms"]["direct"]["p50"]
     out["login_ms"]["p50_diff_proxy_minus_direct"] = diff
     out["login_ms"]["goal_ms"] = LOGIN_GOAL_MS
@@ -501,6 +552,10 @@ def summarize(env: Environment, fetch: FetchResult, logins: dict[str, list[float
         tls_diff = out["login_ms"]["proxy-tls"]["p50"] - out["login_ms"]["direct"]["p50"]
         out["login_ms"]["p50_diff_proxy_tls_minus_direct"] = tls_diff
         out["login_ms"]["tls_verdict"] = "PASS" if tls_diff <= TLS_LOGIN_GOAL_MS else "MISS"
+    for path in ("proxy-nospare", "proxy-tls-nospare"):
+        if path in out["login_ms"]:
+            out["login_ms"][f"p50_diff_{path}_minus_direct"] = \
+                out["login_ms"][path]["p50"] - out["login_ms"]["direct"]["p50"]
     return out
 
 
@@ -537,23 +592,36 @@ def print_report(r: dict[str, Any]) -> None:
               f"{f['tls_verdict']}")
     lm = r["login_ms"]
     print("\n2. Login latency, cached token: connect + greeting + login until tagged OK (ms)")
-    print(f"  {'path':<16}{'p50':>8}{'p90':>8}{'p99':>8}{'mean':>8}")
+    print(f"  {'path':<28}{'p50':>8}{'p90':>8}{'p99':>8}{'mean':>8}")
     for path, label in (("proxy", "proxy (LOGIN)"), ("proxy-tls", "proxy TLS (LOGIN)"),
-                        ("direct", "direct (XOAUTH2)"), ("proxy_internal", "proxy's own log")):
+                        ("proxy-nospare", "proxy, no spare"),
+                        ("proxy-tls-nospare", "proxy TLS, no spare"),
+                        ("direct", "direct (XOAUTH2)"),
+                        ("proxy's log, spare", "proxy's log, spare taken"),
+                        ("proxy's log, no spare", "proxy's log, none ready"),
+                        ("proxy's log, nospare proxy", "no-spare proxy's log")):
         if path in lm:
             p = lm[path]
-            print(f"  {label:<16}{p['p50']:>8.2f}{p['p90']:>8.2f}{p['p99']:>8.2f}"
+            print(f"  {label:<28}{p['p50']:>8.2f}{p['p90']:>8.2f}{p['p99']:>8.2f}"
                   f"{p['mean']:>8.2f}")
     print("  direct includes its TLS handshake; through the proxy the client connects in plain")
     print("  text and the proxy does the TLS handshake and XOAUTH2 upstream.")
-    print("  \"proxy's own log\": the daemon's 'imap login ... in N ms' (password check to "
+    print("  \"proxy's log\": the daemon's 'imap login ... in N ms' (password check to "
           "upstream OK)")
+    print(f"  the default proxy ([imap] spare_sessions = 1) took a spare in "
+          f"{lm['spare_hits']} of {lm['spare_hits'] + lm['spare_misses']} timed logins; the "
+          f"no-spare proxy is a second process with spare_sessions = 0; {c['gap_ms']:.0f} ms "
+          "between logins")
+    nospare = lm.get("p50_diff_proxy-nospare_minus_direct")
     print(f"  p50 difference proxy - direct = {lm['p50_diff_proxy_minus_direct']:+.2f} ms  "
-          f"(goal <= {lm['goal_ms']:.0f} ms)  {lm['verdict']}")
+          f"(goal <= {lm['goal_ms']:.0f} ms)  {lm['verdict']}"
+          + (f"   [no spare: {nospare:+.2f} ms]" if nospare is not None else ""))
     if "p50_diff_proxy_tls_minus_direct" in lm:
+        nospare = lm.get("p50_diff_proxy-tls-nospare_minus_direct")
         print(f"  p50 difference proxy-tls - direct = "
               f"{lm['p50_diff_proxy_tls_minus_direct']:+.2f} ms (both with a TLS handshake; "
-              f"goal <= {TLS_LOGIN_GOAL_MS:.0f} ms)  {lm['tls_verdict']}")
+              f"goal <= {TLS_LOGIN_GOAL_MS:.0f} ms)  {lm['tls_verdict']}"
+              + (f"   [no spare: {nospare:+.2f} ms]" if nospare is not None else ""))
 
 
 def main() -> int:
@@ -562,6 +630,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=100 * 1024, help="bytes per message")
     parser.add_argument("--rounds", type=int, default=15, help="timed bulk FETCH rounds per path")
     parser.add_argument("--logins", type=int, default=200, help="timed logins per path")
+    parser.add_argument("--gap", type=float, default=30.0,
+                        help="ms between two timed logins (untimed)")
     parser.add_argument("--no-plain", action="store_true",
                         help="skip the direct-plain reference (no TLS) in the FETCH test")
     parser.add_argument("--keep", action="store_true",
@@ -576,7 +646,7 @@ def main() -> int:
     def measure() -> dict[str, Any]:
         paths = ["proxy", "proxy-tls", "direct"] + ([] if args.no_plain else ["direct-plain"])
         fetch = measure_fetch(env, args.rounds, paths)
-        logins, internal = measure_logins(env, args.logins)
+        logins, internal = measure_logins(env, args.logins, args.gap / 1000)
         return summarize(env, fetch, logins, internal, args)
 
     return run(env, measure, args.keep, args.json, print_report)

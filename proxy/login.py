@@ -63,6 +63,20 @@ class Upstream(Protocol):
     def close(self) -> None: ...
 
 
+class Spares(Protocol):
+    """Logged-in upstream sessions made ahead of an account's next client login
+    (``sessions.spare.SpareSessions``)."""
+
+    async def take(self, account: Account, deadline: float | None) -> Upstream | None:
+        """A logged-in session of ``account`` ready for a client whose password is checked,
+        or None; waits for one being made until ``deadline`` (loop time) at most."""
+        ...
+
+    def used(self, account: Account) -> None:
+        """A client of ``account`` logged in: make a spare for the next one."""
+        ...
+
+
 def authorize_hint(account: Account) -> str:
     return f"run `mailproxy authorize {account.address}`"
 
@@ -189,41 +203,54 @@ class Gate:
 
     async def log_in(self, proto: str, username: str, password: str,
                      make_upstream: Callable[[Account], Upstream], *,
-                     peer: str = "unknown") -> tuple[Account, Upstream]:
+                     peer: str = "unknown", spares: Spares | None = None,
+                     deadline: float | None = None) -> tuple[Account, Upstream]:
         """Check the local password, then log in upstream; raise ``Refusal`` if anything fails.
-        ``peer``: the client's address, for the failure delay and the log."""
+        ``peer``: the client's address, for the failure delay and the log; ``spares``: where
+        a logged-in upstream session may be ready (taken only once the password is checked,
+        waited for until ``deadline``, loop time, if one is being made)."""
         started = time.monotonic()
         account = await self.authenticate(proto, username, password, peer=peer)
+        spare = await spares.take(account, deadline) if spares is not None else None
         try:
-            upstream = make_upstream(account)
-            await self.relogin(account, upstream)
+            upstream = spare
+            if upstream is None:
+                upstream = make_upstream(account)
+                await self.relogin(account, upstream)
         except Refusal as refusal:
             log.warning("%s login for %s from %s refused: %s", proto, account.address, peer,
                         refusal.text)
             self.observer.login(proto, refusal.kind, time.monotonic() - started)
             raise
         self.observer.login(proto, "ok", time.monotonic() - started)
-        log.info("%s login for %s from %s via %s in %.1f ms", proto, account.address, peer,
-                 upstream.description, (time.monotonic() - started) * 1000)
+        log.info("%s login for %s from %s via %s%s in %.1f ms", proto, account.address, peer,
+                 upstream.description, " (spare)" if spare is not None else "",
+                 (time.monotonic() - started) * 1000)
+        if spares is not None:
+            spares.used(account)
         return account, upstream
 
-    async def relogin(self, account: Account, upstream: Upstream) -> None:
+    async def relogin(self, account: Account, upstream: Upstream, *,
+                      spare: bool = False) -> None:
         """Log ``upstream`` in for a client whose local password is already checked (also
-        SMTP's reconnect between messages); closes it and raises ``Refusal`` on failure."""
+        SMTP's reconnect between messages); closes it and raises ``Refusal`` on failure.
+        ``spare``: made ahead of a client (``Spares``); its failure to get a token is not
+        remembered against the account's client logins."""
         if self.settings.account(account.key) is None:
             upstream.close()  # removed by a reload: its sessions end at their next login
             raise Refusal("credentials", f"account {account.address} is no longer configured")
         try:
-            await self._upstream_login(account, upstream)
+            await self._upstream_login(account, upstream, spare)
         except BaseException:
             upstream.close()
             raise
 
-    async def _upstream_login(self, account: Account, upstream: Upstream) -> None:
+    async def _upstream_login(self, account: Account, upstream: Upstream,
+                              spare: bool = False) -> None:
         # Connect while the token is fetched: a login waits for the slower of the two only.
         connecting = asyncio.create_task(upstream.connect())
         try:
-            token = await self._token(account)
+            token = await self._token(account, remember=not spare)
             await connecting
         except UpstreamError as exc:
             if exc.fix is not None:
@@ -241,7 +268,7 @@ class Gate:
             # The server refused a token we thought valid (revoked, clock skew): refresh once.
             log.info("%s refused the cached token for %s; refreshing", upstream.description,
                      account.address)
-            token = await self._token(account, rejected=token.value)
+            token = await self._token(account, rejected=token.value, remember=not spare)
             rejection = await self._authenticate(upstream, token.value)
         if rejection is None:
             return
@@ -260,19 +287,22 @@ class Gate:
         self.observer.upstream_auth(getattr(upstream, "proto", "unknown"), mechanism, result)
         return rejection
 
-    async def _token(self, account: Account, rejected: str | None = None) -> AccessToken:
+    async def _token(self, account: Account, rejected: str | None = None, *,
+                     remember: bool = True) -> AccessToken:
         # The token endpoint failed a login recently and a request is still trying (the
         # login's, with its retries, or the background refresher's): answer at once unless a
         # token is at hand. Nothing in flight: this login tries once more, within its deadline.
+        # ``remember`` False (a spare being made): neither answered at once nor remembered.
         settings = self.settings.tokens
         failed = self._token_failed.get(account.key)
-        recent = failed is not None and time.monotonic() - failed < settings.failure_memory \
+        recent = remember and failed is not None \
+            and time.monotonic() - failed < settings.failure_memory \
             and self.tokens.source.refreshing(account.key)
         try:
             async with asyncio.timeout(0 if recent else settings.login_timeout):
                 token = await self.tokens.get_token(account.key, rejected=rejected)
         except TimeoutError:
-            if not recent:
+            if remember and not recent:
                 self._token_failed[account.key] = time.monotonic()
                 log.warning("%s: no access token within %.0f s; while the request is still "
                             "trying, logins are answered \"try again later\" at once",
@@ -280,7 +310,7 @@ class Gate:
             raise Refusal("unavailable", f"cannot get an access token for {account.address}: "
                           "the token endpoint is not answering; try again later") from None
         except TokenError as exc:
-            if not isinstance(exc, AuthorizationRequired):
+            if remember and not isinstance(exc, AuthorizationRequired):
                 self._token_failed[account.key] = time.monotonic()
             raise self._token_refusal(account, exc) from None
         self._token_failed.pop(account.key, None)

@@ -172,6 +172,14 @@ class Conn(asyncio.Protocol):
         self._flow()
         return data
 
+    @property
+    def quiet(self) -> bool:
+        """Open, not spliced, and nothing arrived that was not read: what a logged-in upstream
+        session kept for a later client must still be (a server's BYE or close is not)."""
+        transport = self.transport
+        return (transport is not None and not transport.is_closing() and not self._eof
+                and not self._buf and self.peer is None)
+
     def discard_buffered(self) -> int:
         """Drop what arrived but was not read yet; returns how many bytes."""
         dropped = len(self._buf)

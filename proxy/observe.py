@@ -13,6 +13,11 @@ class Observer:
     def upstream_auth(self, proto: str, mechanism: str, result: str) -> None:
         """An upstream SASL exchange: ``ok``, ``rejected`` or ``temporary``."""
 
+    def spare(self, proto: str, result: str) -> None:
+        """A client login looked for a logged-in spare upstream session: ``hit``, ``miss``
+        (none ready) or ``stale`` (one was there but unusable: closed by the server, too old,
+        its account changed)."""
+
     def session_ended(self, proto: str, received: int, sent: int) -> None:
         """A client connection closed; bytes received from and sent to the client."""
 

@@ -52,6 +52,10 @@ class ImapListener(_TlsListener):
     max_literal: int = Field(default=8192, ge=64)
     # A logged-in client that reads none of what the server sends for this long is cut off.
     stall_timeout: float = Field(default=60.0, gt=0)
+    # After a client login, this many logged-in upstream sessions are made ready for the
+    # account's next client login (0: none), each kept at most spare_idle seconds unused.
+    spare_sessions: int = Field(default=1, ge=0, le=4)
+    spare_idle: float = Field(default=600.0, gt=0, le=1200)
 
 
 class Pop3Listener(_TlsListener):

@@ -108,6 +108,9 @@ class Metrics(Observer):
         self.upstream_auths = Counter("mailproxy_upstream_auth",
                                       "SASL logins at the upstream servers.",
                                       ["protocol", "mechanism", "result"], registry=registry)
+        self.spares = Counter("mailproxy_upstream_spare",
+                              "Client logins that looked for a logged-in spare upstream session.",
+                              ["protocol", "result"], registry=registry)
         self.token_requests = Counter("mailproxy_token_requests",
                                       "Requests to the token endpoints.",
                                       ["account", "grant", "result"], registry=registry)
@@ -141,6 +144,9 @@ class Metrics(Observer):
 
     def upstream_auth(self, proto: str, mechanism: str, result: str) -> None:
         self.upstream_auths.labels(proto, mechanism, result).inc()
+
+    def spare(self, proto: str, result: str) -> None:
+        self.spares.labels(proto, result).inc()
 
     def session_ended(self, proto: str, received: int, sent: int) -> None:
         self.relayed.labels(proto, "in").inc(received)

@@ -62,6 +62,7 @@ class Daemon:
     def __init__(self, settings: Settings, gate: Gate | None = None, *,
                  config_path: Path | None = None, loader: Loader | None = None,
                  env: Mapping[str, str] | None = None) -> None:
+        from ..sessions.spare import SpareSessions
         from ..smtp import SmtpService
 
         self.settings = settings
@@ -82,6 +83,7 @@ class Daemon:
                        for proto, listener in (("imap", settings.imap), ("pop3", settings.pop3),
                                                ("smtp", settings.smtp))}
         self.smtp = SmtpService(gate, settings, None, self.limits["smtp"])
+        self.spares = SpareSessions(gate, settings)  # logged-in IMAP sessions made ahead
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._sessions: set[asyncio.Task[None]] = set()
@@ -172,7 +174,8 @@ class Daemon:
                           tg.create_task(self.reloader.run(), name="reloader"),
                           tg.create_task(self.systemd.run(self.status_line), name="systemd"),
                           tg.create_task(self._check_certificates(), name="tls-reload"),
-                          tg.create_task(self._release_memory(), name="memory-release")]
+                          tg.create_task(self._release_memory(), name="memory-release"),
+                          tg.create_task(self.spares.run(), name="imap-spares")]
             if self.admin is not None:
                 await self.admin.start()
                 background.append(tg.create_task(self.admin.serve(), name="admin-page"))
@@ -207,7 +210,8 @@ class Daemon:
         from ..sessions.imap import imap_session
         from ..sessions.pop3 import pop3_session
 
-        sessions: dict[str, Session] = {"imap": imap_session, "pop3": pop3_session}
+        sessions: dict[str, Session] = {
+            "imap": functools.partial(imap_session, spares=self.spares), "pop3": pop3_session}
         loop = asyncio.get_running_loop()
         opened: dict[str, asyncio.Server] = {}
         name, host, port = "", "", 0
@@ -246,6 +250,7 @@ class Daemon:
         listeners are swapped, those no longer configured closed (sessions accepted by an old
         one go on)."""
         self.settings = self.gate.settings = self.smtp.settings = settings
+        self.spares.reconfigure(settings)
         if tls is not None:
             self.tls = self.smtp.tls = tls
         for name, server in opened.items():
@@ -332,6 +337,8 @@ class Daemon:
                         deadline: float | None) -> None:
         """A token event from the manager: notify once (remembered in the vault across
         restarts for the events that persist)."""
+        if name == "authorization_required":
+            self.spares.drop(account.key)  # logged in with a grant that is no more
         if not self.notifier.enabled:
             log.info("%s: %s (%s); no [notify] hook configured", account.address, name, reason)
             return

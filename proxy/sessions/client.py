@@ -11,7 +11,7 @@ from typing import Protocol
 
 from ..config import Account
 from ..core.events import AcceptTls, Close, Event, LoginRequest, Send
-from ..login import Gate, Refusal
+from ..login import Gate, Refusal, Spares
 from ..net import Conn, peer_host, splice
 from ..tls.listener import ClientTls
 from .dialogue import masked
@@ -40,10 +40,12 @@ async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
                        login_timeout: float,
                        make_upstream: Callable[[Account], UpstreamSession],
                        reply_for: Callable[[Refusal], str],
-                       stall_timeout: float | None = None, tls: ClientTls | None = None) -> None:
+                       stall_timeout: float | None = None, tls: ClientTls | None = None,
+                       spares: Spares | None = None) -> None:
     """``login_timeout``: the whole time the client has to log in (commands do not extend
     it); ``stall_timeout``: how long a logged-in client may leave our replies unread; ``tls``:
-    the listener's TLS (implicit: the handshake comes first)."""
+    the listener's TLS (implicit: the handshake comes first); ``spares``: logged-in upstream
+    sessions ready for a client whose password is checked."""
     if tls is not None and tls.implicit and not await tls.handshake(client, proto):
         return
     greeting = core.greeting()
@@ -81,7 +83,8 @@ async def serve_client(gate: Gate, client: Conn, core: LocalCore, *, proto: str,
             elif isinstance(event, LoginRequest):
                 try:
                     _, upstream = await gate.log_in(
-                        proto, event.username, event.password, make_upstream, peer=peer)
+                        proto, event.username, event.password, make_upstream, peer=peer,
+                        spares=spares, deadline=deadline)
                 except Refusal as refusal:
                     queue.extend(core.login_rejected(reply_for(refusal)))
                     continue

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..config import Settings
 from ..core.imap import ImapLocal
 from ..core.imap_upstream import ImapUpstream
-from ..login import Gate, Refusal
+from ..login import Gate, Refusal, Spares
 from ..net import Conn
 from ..tls.listener import ClientTls
 from .client import serve_client
@@ -29,13 +29,14 @@ class ImapUpstreamSession(UpstreamSession):
 
 
 async def imap_session(gate: Gate, settings: Settings, client: Conn,
-                       tls: ClientTls | None = None) -> None:
+                       tls: ClientTls | None = None, *, spares: Spares | None = None) -> None:
     limits = settings.imap
     core = ImapLocal(max_line=limits.max_line, max_literal=limits.max_literal,
                      tls=tls.offer() if tls else None)
     await serve_client(gate, client, core, proto="imap", login_timeout=limits.login_timeout,
                        make_upstream=ImapUpstreamSession,
-                       reply_for=_reply, stall_timeout=limits.stall_timeout, tls=tls)
+                       reply_for=_reply, stall_timeout=limits.stall_timeout, tls=tls,
+                       spares=spares)
 
 
 def _reply(refusal: Refusal) -> str:

@@ -73,6 +73,15 @@ class SessionPool(Generic[S]):
             else:
                 del self._idle[key]
 
+    def drop(self, account_key: str) -> None:
+        """Close the account's idle sessions (its grant was revoked, a reload changed it)."""
+        for _, session in self._idle.pop(account_key, ()):
+            session.close()
+
+    def accounts(self) -> list[str]:
+        """The keys of the accounts that have idle sessions."""
+        return list(self._idle)
+
     def idle(self, account_key: str) -> int:
         return len(self._idle.get(account_key, ()))
 

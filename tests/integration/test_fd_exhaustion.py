@@ -52,6 +52,8 @@ def _config(directory: Path, token_server: TokenServer, dovecot: Dovecot,
     for proto in PROTOCOLS:
         lines += [f"[{proto}]", f'listen = "127.0.0.1:{ports[proto]}"', 'tls_listen = ""',
                   "max_connections = 10000", "max_connections_per_ip = 10000"]
+        if proto == "imap":  # the warm account's login at the limit reaches the connect
+            lines.append("spare_sessions = 0")
     for address in addresses:
         # SMTP: a port nobody listens on; the logins here never get as far as connecting.
         lines += ["[[accounts]]", f'address = "{address}"', 'provider = "custom"',

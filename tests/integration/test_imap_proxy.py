@@ -184,6 +184,7 @@ async def test_expired_access_token_is_refreshed_between_logins(
     token_server.authority.rotate_refresh_tokens = True
     first_rt = harness.provision(mail_user)
     settings = harness.settings(harness.account(mail_user), refresh_before=0, jitter=0)
+    settings.imap.spare_sessions = 0  # the second login logs in upstream, not a spare
     async with harness.run(settings) as daemon:
         client = await connect(daemon.address("imap"))
         assert tagged_status(await client.login(mail_user, LOCAL_PASSWORD)).startswith(b"t1 OK")
@@ -214,7 +215,9 @@ async def test_fifty_concurrent_logins_with_expired_token_make_one_request(
 async def test_server_rejecting_unexpired_token_triggers_one_refresh(
         harness: ProxyHarness, token_server: TokenServer, mail_user: str) -> None:
     harness.provision(mail_user)
-    async with harness.run(harness.settings(harness.account(mail_user))) as daemon:
+    settings = harness.settings(harness.account(mail_user))
+    settings.imap.spare_sessions = 0  # the second login logs in upstream, not a spare
+    async with harness.run(settings) as daemon:
         client = await connect(daemon.address("imap"))
         assert tagged_status(await client.login(mail_user, LOCAL_PASSWORD)).startswith(b"t1 OK")
         await client.close()

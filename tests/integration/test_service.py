@@ -287,6 +287,9 @@ async def test_metrics_count_a_scripted_series(harness: ProxyHarness, dovecot: D
         await smtp.sendmail(good, [good], f"From: {good}\r\nTo: {good}\r\nSubject: m\r\n\r\n"
                             "one message\r\n")
         await smtp.quit()
+        async with asyncio.timeout(10):  # the spare made after the second IMAP login
+            while not daemon.spares.pool.idle(good.casefold()):
+                await asyncio.sleep(0.02)
         assert daemon.metrics_server.address is not None
         host, port = daemon.metrics_server.address
         async with httpx.AsyncClient() as http:
@@ -321,9 +324,15 @@ async def test_metrics_count_a_scripted_series(harness: ProxyHarness, dovecot: D
                  result="ok") == 1
     assert value("mailproxy_token_requests_total", account=revoked, grant="refresh_token",
                  result="permanent") == 1
-    assert total("mailproxy_upstream_auth_total", protocol="imap", result="ok") == 2
+    # The first IMAP login's own, the spare made after it (the second login's), and the next.
+    assert total("mailproxy_upstream_auth_total", protocol="imap", result="ok") == 3
     assert total("mailproxy_upstream_auth_total", protocol="smtp", result="ok") == 1
-    assert total("mailproxy_upstream_auth_total") == 3
+    assert total("mailproxy_upstream_auth_total") == 4
+    # Misses: the first login of each account (the revoked one's then fails); wrong
+    # passwords never look.
+    assert value("mailproxy_upstream_spare_total", protocol="imap", result="miss") == 2
+    assert value("mailproxy_upstream_spare_total", protocol="imap", result="hit") == 1
+    assert total("mailproxy_upstream_spare_total") == 3
     assert value("mailproxy_account_authorized", account=good) == 1
     assert value("mailproxy_account_authorized", account=revoked) == 0
     assert value("mailproxy_token_expiry_timestamp_seconds", account=good) > time.time()
