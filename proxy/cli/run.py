@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..config import Settings
 from ..daemon.control import ControlError
-from ..daemon.memory import allocator_in_use, forget_allocator_variable
+from ..daemon.memory import allocator_in_use, forget_allocator_variable, freeze_startup_objects
 from ..daemon.server import serve
 from ..daemon.startup import EXIT_CONFIG, StartupError
 from ..tls.contexts import TlsSetupError
@@ -27,6 +27,7 @@ def run(settings: Settings, path: Path | None) -> int:
                     "(see config.example.toml)")
     if not settings.accounts:
         log.warning("no accounts configured: every login will be refused")
+    freeze_startup_objects()
     try:
         asyncio.run(serve(settings, path))
     except StartupError as exc:

@@ -27,11 +27,11 @@ from ..login import Gate
 from ..net import Conn, peer_host
 from ..tls.contexts import ServerTls, startup_warnings
 from ..tls.listener import ClientTls
-from ..tls.memory import raise_open_file_limit, release_free_memory, share_tls_read_buffer
+from ..tls.memory import raise_open_file_limit, share_tls_read_buffer
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
-from . import report
+from . import memory, report
 from .control import AlreadyRunning, ControlError, ControlServer
 from .limits import BUSY, ConnectionLimits, QuietResourceErrors, refuse
 from .memory import ReleasePolicy, collect_garbage
@@ -57,6 +57,8 @@ TLS_CHECK_INTERVAL = 60.0
 # open (checked this often), or at most this often while sessions come and go.
 MEMORY_CHECK_INTERVAL = 5.0
 MEMORY_RELEASE_INTERVAL = 60.0
+RELEASE_REPORTED = 16 * 2**20  # a release that gives this much back is logged at info
+MiB = 2**20
 
 Session = Callable[[Gate, Settings, Conn, ClientTls], Awaitable[None]]
 
@@ -420,8 +422,13 @@ class Daemon:
             open_sessions = sum(self._open.values()) + len(self.smtp.fronts)
             if policy.due(ended, open_sessions):
                 policy.released(ended)
+                started = time.monotonic()
                 collect_garbage(open_sessions)  # on the loop: it holds the GIL anyway
-                await asyncio.to_thread(release_free_memory)
+                before, after = await asyncio.to_thread(memory.release)
+                log.log(logging.INFO if before - after >= RELEASE_REPORTED else logging.DEBUG,
+                        "gave %.0f MiB of memory back to the system (RSS %.0f -> %.0f MiB, "
+                        "%d sessions open) in %.0f ms", (before - after) / MiB, before / MiB,
+                        after / MiB, open_sessions, (time.monotonic() - started) * 1000)
 
     async def _guard(self, proto: str, session: Session, conn: Conn, tls: ClientTls) -> None:
         # The protocol factory runs before the transport is attached.
