@@ -18,6 +18,11 @@ from .parser import build_parser
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run" and argv is None:
+        # Entered here, not by ``proxy.launch`` (which restarts before this import).
+        from ..daemon.memory import use_c_allocator
+
+        use_c_allocator()
     try:
         settings, path = load_config(args.config)
     except ConfigError as exc:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..config import Settings
 from ..daemon.control import ControlError
+from ..daemon.memory import allocator_in_use, forget_allocator_variable, freeze_startup_objects
 from ..daemon.server import serve
 from ..daemon.startup import EXIT_CONFIG, StartupError
 from ..tls.contexts import TlsSetupError
@@ -19,11 +20,14 @@ def run(settings: Settings, path: Path | None) -> int:
     """``path``: the configuration file read, None when none was found (built-in defaults)."""
     defaults = path is None
     log = logging.getLogger("mailproxy")
+    log.info("memory allocator: %s", allocator_in_use())
+    forget_allocator_variable()
     if defaults:
         log.warning("no configuration file found; running with built-in defaults "
                     "(see config.example.toml)")
     if not settings.accounts:
         log.warning("no accounts configured: every login will be refused")
+    freeze_startup_objects()
     try:
         asyncio.run(serve(settings, path))
     except StartupError as exc:

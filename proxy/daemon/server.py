@@ -27,13 +27,14 @@ from ..login import Gate
 from ..net import Conn, peer_host
 from ..tls.contexts import ServerTls, startup_warnings
 from ..tls.listener import ClientTls
-from ..tls.memory import raise_open_file_limit, release_free_memory, share_tls_read_buffer
+from ..tls.memory import raise_open_file_limit, share_tls_read_buffer
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
 from ..vault import Vault, VaultError
-from . import report
+from . import memory, report
 from .control import AlreadyRunning, ControlError, ControlServer
 from .limits import BUSY, ConnectionLimits, QuietResourceErrors, refuse
+from .memory import ReleasePolicy, collect_garbage
 from .metrics import Metrics, MetricsServer
 from .notify import Event, EventName, Notifier, event_key
 from .reload import Loader, Reloader, listeners, tls_versions
@@ -52,8 +53,12 @@ LISTEN_BACKLOG = 4096
 STOP_BUDGET = 18.0
 # How often the TLS certificate files are looked at without a connection asking.
 TLS_CHECK_INTERVAL = 60.0
-# How often freed memory is handed back to the system, when sessions ended since.
+# Freed memory goes back to the system when sessions ended since the last time and none is
+# open (checked this often), or at most this often while sessions come and go.
+MEMORY_CHECK_INTERVAL = 5.0
 MEMORY_RELEASE_INTERVAL = 60.0
+RELEASE_REPORTED = 16 * 2**20  # a release that gives this much back is logged at info
+MiB = 2**20
 
 Session = Callable[[Gate, Settings, Conn, ClientTls], Awaitable[None]]
 
@@ -107,7 +112,7 @@ class Daemon:
                                  lambda: self.queue.summary() if self.queue is not None else {})
         self._refused_logged = 0.0
         self._resources: QuietResourceErrors | None = None  # while running
-        self._ended_count = 0  # sessions ended since memory was last released
+        self._ended_count = 0  # IMAP and POP3 sessions ended, for the memory release
 
     def stop(self) -> None:
         self._stop.set()
@@ -415,14 +420,22 @@ class Daemon:
             await self.tls.refresh()
 
     async def _release_memory(self) -> None:
-        """Hand memory freed by ended sessions back to the system now and then, so RSS goes
-        back down after a crowd of clients leaves."""
-        smtp_ended = self.smtp.ended
+        """Hand memory freed by ended sessions back to the system (``memory.ReleasePolicy``
+        says when), so RSS goes back down after a crowd of clients leaves."""
+        policy = ReleasePolicy(MEMORY_RELEASE_INTERVAL)
         while True:
-            await asyncio.sleep(MEMORY_RELEASE_INTERVAL)
-            if self._ended_count or self.smtp.ended != smtp_ended:
-                self._ended_count, smtp_ended = 0, self.smtp.ended
-                await asyncio.to_thread(release_free_memory)
+            await asyncio.sleep(MEMORY_CHECK_INTERVAL)
+            ended = self._ended_count + self.smtp.ended
+            open_sessions = sum(self._open.values()) + len(self.smtp.fronts)
+            if policy.due(ended, open_sessions):
+                policy.released(ended)
+                started = time.monotonic()
+                collect_garbage(open_sessions)  # on the loop: it holds the GIL anyway
+                before, after = await asyncio.to_thread(memory.release)
+                log.log(logging.INFO if before - after >= RELEASE_REPORTED else logging.DEBUG,
+                        "gave %.0f MiB of memory back to the system (RSS %.0f -> %.0f MiB, "
+                        "%d sessions open) in %.0f ms", (before - after) / MiB, before / MiB,
+                        after / MiB, open_sessions, (time.monotonic() - started) * 1000)
 
     async def _guard(self, proto: str, session: Session, conn: Conn, tls: ClientTls) -> None:
         # The protocol factory runs before the transport is attached.

@@ -1,5 +1,5 @@
-"""Process settings for many idle sessions: one shared TLS read buffer, the open-file limit,
-giving freed memory back.
+"""Process settings for many idle sessions: one shared TLS read buffer, the open-file limit
+(giving freed memory back is ``daemon.memory``'s).
 
 asyncio's ``SSLProtocol`` gives every TLS connection its own 256 KiB receive buffer, zeroed (so
 resident) at once: 256 KiB of RSS per TLS leg whether the session moves a byte or not. That
@@ -18,7 +18,6 @@ one record per read as before and spares the allocator a 256 KiB block per recor
 from __future__ import annotations
 
 import asyncio.sslproto
-import ctypes
 import logging
 import resource
 import sys
@@ -87,25 +86,6 @@ def share_tls_read_buffer() -> bool:
 def unshare_tls_read_buffer() -> None:
     """Back to asyncio's own protocol (tests)."""
     setattr(asyncio.sslproto, "SSLProtocol", _Base)  # noqa: B010 (mypy)
-
-
-def release_free_memory() -> bool:
-    """Hand memory that sessions freed back to the system (glibc keeps freed heap memory in the
-    process, so RSS stays at its peak after a crowd of clients leaves). A few milliseconds: call
-    it when sessions have ended, not per session. False where there is no ``malloc_trim``."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim is False:
-        return False
-    _malloc_trim(0)
-    return True
-
-
-_malloc_trim: Any = None
 
 
 def raise_open_file_limit() -> tuple[int, int]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.clirun import ROOT, listen_port, mailproxy, write_config
+from tests.support.clirun import ROOT, listen_port, mailproxy, running_daemon, write_config
 from tests.support.dovecot import Dovecot
 from tests.support.imapclient import RawImap, tagged_status
 from tests.support.servers import free_port
@@ -136,3 +136,30 @@ async def test_readme_first_command_runs_the_example_config(tmp_path: Path) -> N
     assert proc.returncode == 0
     assert ("account someone@gmail.com is not authorized yet: run "
             "`mailproxy authorize someone@gmail.com`") in stderr.decode()
+
+
+def _environ(pid: int) -> dict[str, str]:
+    """The environment the process ``pid`` was started (or last exec'd) with."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().partition("=")[::2] for item in raw if item)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux")
+async def test_run_restarts_once_with_the_c_allocator(config: Path) -> None:
+    """So memory freed by ended sessions goes back to the system (daemon/memory.py): the same
+    process (systemd's main PID) runs again with PYTHONMALLOC=malloc; a PYTHONMALLOC the user
+    set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONMALLOC"}
+    async with running_daemon(config, env=env) as daemon:
+        pid = daemon.proc.pid
+        started = _environ(pid)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert started.get("PYTHONMALLOC") == "malloc"
+    assert cmdline[1:5] == [b"-m", b"proxy", b"run", b"--config"]
+    assert daemon.stderr.count("memory allocator: the C library's") == 1
+    assert daemon.stderr.count(" starting: configuration ") == 1
+
+    async with running_daemon(config, env={**env, "PYTHONMALLOC": "pymalloc"}) as daemon:
+        started = _environ(daemon.proc.pid)
+    assert started.get("PYTHONMALLOC") == "pymalloc" and "_MAILPROXY_ALLOCATOR" not in started
+    assert "memory allocator: Python's own (pymalloc)" in daemon.stderr
