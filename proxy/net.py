@@ -299,13 +299,40 @@ def client_tls_context(ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
+# TCP keepalive on upstream connections: a probe after this long idle, then every
+# KEEPALIVE_INTERVAL, KEEPALIVE_COUNT unanswered ones end the connection (about 2 minutes).
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 15
+KEEPALIVE_COUNT = 4
+
+
+def keep_alive(sock: socket.socket) -> None:
+    """Probe an idle connection now and then: a NAT or firewall on the way (some drop idle
+    TCP after 4 minutes) keeps its mapping, and a path that died without a reset is noticed
+    and closed, rather than found dead by the next client (a spare session, an IDLE)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+                            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                            ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+            option = getattr(socket, name, None)  # not every platform has all three
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    except OSError as exc:  # a socket that is not TCP (tests) or already closed
+        log.debug("TCP keepalive not set: %s", exc)
+
+
 async def open_connection(host: str, port: int, tls: ssl.SSLContext | None,
                           timeout: float) -> Conn:
+    """A connection to an upstream server (TCP keepalive on: ``keep_alive``)."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
-        _, conn = await loop.create_connection(
+        transport, conn = await loop.create_connection(
             Conn, host, port, ssl=tls, server_hostname=host if tls else None,
             ssl_handshake_timeout=timeout if tls else None)
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        keep_alive(sock)
     return conn
 
 

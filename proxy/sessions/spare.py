@@ -60,6 +60,7 @@ class SpareSessions:
             idle_timeout=settings.imap.spare_idle, per_account=settings.imap.spare_sessions,
             clock=clock)
         self._making: dict[str, asyncio.Task[None]] = {}  # per account key, one at a time
+        self._awaited: set[str] = set()  # account keys whose refill a login is waiting for
         # Per account key, bumped by ``drop``: a spare made across a drop is not kept.
         self._generation: dict[str, int] = {}
         self._tasks: asyncio.TaskGroup | None = None  # while ``run`` runs
@@ -76,12 +77,18 @@ class SpareSessions:
             return None
         key = account.key
         making = self._making.get(key)
-        if not self.pool.idle(key) and making is not None:
+        if not self.pool.idle(key) and making is not None and key not in self._awaited:
             # Started earlier than a login of our own would be; if it fails, we log in. (wait:
-            # neither its failure nor its cancellation at shutdown is raised here.)
+            # neither its failure nor its cancellation at shutdown is raised here.) One login
+            # waits for it: the others of a client opening several connections at once would
+            # only wait to find it taken, and log in the normal way at once instead.
             timeout = None if deadline is None \
                 else max(0.0, deadline - asyncio.get_running_loop().time())
-            await asyncio.wait({making}, timeout=timeout)
+            self._awaited.add(key)
+            try:
+                await asyncio.wait({making}, timeout=timeout)
+            finally:
+                self._awaited.discard(key)
         spare = self.next_usable(account)
         return spare.session if spare is not None else None
 

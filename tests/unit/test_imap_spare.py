@@ -231,6 +231,24 @@ async def test_a_login_waits_for_a_spare_being_made_until_its_deadline() -> None
     assert gate.observer.spares == ["miss", "hit", "miss"]
 
 
+async def test_one_login_waits_for_a_spare_being_made_the_others_go_on() -> None:
+    """A client opening several connections at once: one waits for the spare on its way, the
+    others log in the normal way at once (they would only find it taken)."""
+    gate, a = Gate(), account()
+    gate.hold = asyncio.Event()
+    async with running(holder(gate, settings(a))) as spares:
+        spares.used(a)
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(spares.take(a, loop.time() + 5))
+        await asyncio.sleep(0.01)
+        async with asyncio.timeout(0.5):  # not held up by the refill
+            assert await spares.take(a, loop.time() + 5) is None
+        assert not first.done()
+        gate.hold.set()
+        assert await first is not None
+    assert gate.observer.spares == ["miss", "hit"]
+
+
 async def test_dropped_while_being_made_is_not_kept_and_off_makes_none() -> None:
     gate, a = Gate(), account()
     gate.hold = asyncio.Event()

@@ -1,6 +1,6 @@
 """``net.Conn`` before the splice, on loopback sockets: a client that never reads its replies
 keeps the daemon's buffers bounded, a close does not lose the last reply to a reset, and a
-finished splice is freed by reference counting."""
+finished splice is freed by reference counting, upstream connections keep alive."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import gc
 import socket
 import weakref
 
+from proxy import net
 from proxy.net import Conn, splice
 
 
@@ -107,3 +108,24 @@ async def test_a_finished_splice_is_freed_without_the_cyclic_collector() -> None
         for _, writer in clients:
             writer.close()
         server.close()
+
+
+async def test_upstream_connections_probe_when_idle() -> None:
+    """TCP keepalive on what ``open_connection`` opens: a NAT keeps its mapping of an idle
+    upstream session (a spare, an IDLE), and a path that died silently gets noticed."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conn = await net.open_connection("127.0.0.1", port, None, 5)
+    try:
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == \
+                net.KEEPALIVE_IDLE
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == \
+                net.KEEPALIVE_COUNT
+    finally:
+        conn.close()
+        server.close()
+        await server.wait_closed()
