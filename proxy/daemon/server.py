@@ -1,10 +1,6 @@
 """The daemon: listeners, the background token refresher, reload, and a clean shutdown (with
 systemd notifications and metrics when configured); its IMAP and POP3 sessions are in
-``sessions``, what it says about itself in ``report``.
-
-long: the Daemon object is what reload, the control socket, the admin page and the metrics
-all hold; its notifications are the next to move out.
-"""
+``sessions``, its notifications in ``notices``, what it says about itself in ``report``."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..admin.host import ADMIN_TLS_VERSION, admin_service
@@ -28,12 +24,12 @@ from ..tls.contexts import ServerTls, startup_warnings
 from ..tls.memory import raise_open_file_limit, share_tls_read_buffer
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
-from ..vault import Vault, VaultError
+from ..vault import Vault
 from . import report
 from .control import AlreadyRunning, ControlError, ControlServer
 from .limits import BUSY, ConnectionLimits, QuietResourceErrors
 from .metrics import Metrics, MetricsServer
-from .notify import Event, EventName, Notifier, event_key
+from .notices import Notices
 from .reload import Loader, Reloader, listeners, tls_versions
 from .sessions import SessionGuard
 from .startup import EXIT_CONFIG, EXIT_CONFLICT, StartupError, bind_error, check_state_dir
@@ -64,13 +60,11 @@ class Daemon:
         if gate is None:
             gate = make_gate(settings)
         self.gate = gate
-        self.notifier = _notifier(settings)
+        self.notices = Notices(settings, gate)  # the [notify] hook and what it was sent
         gate.tokens.set_event_sink(self._on_event)
         self.control = ControlServer(settings.control_path, self._control,
                                      commands=("status", "reload", LINK_COMMAND))
         self.started = time.time()
-        # Per account: the notifications sent by this process (event, time, results).
-        self.sent: dict[str, list[dict[str, Any]]] = {}
         self.servers: dict[str, asyncio.Server] = {}
         self.limits = {proto: ConnectionLimits(listener.max_connections,
                                                listener.max_connections_per_ip)
@@ -92,7 +86,6 @@ class Daemon:
         self.metrics_server = MetricsServer(self.metrics, self.not_ready)
         self.systemd = SystemdNotifier(env)
         self.reloader = Reloader(self, loader or (lambda: load_config(config_path)[0]))
-        self._retired_notifiers: list[Notifier] = []
         self.tls = ServerTls(settings, versions=_tls_versions(settings))
         self.smtp.tls = self.tls
         self.admin = admin_service(self)
@@ -192,8 +185,7 @@ class Daemon:
         # Let a token request already on the wire finish, so a rotated token is not lost.
         await self.gate.tokens.finish_requests(STOP_BUDGET - (time.monotonic() - stopping))
         await self.gate.tokens.aclose()
-        for notifier in [*self._retired_notifiers, self.notifier]:
-            await notifier.aclose()
+        await self.notices.aclose()
 
     async def bind_listeners(self, listen: Mapping[str, str],
                              settings: Settings) -> dict[str, asyncio.Server]:
@@ -259,9 +251,7 @@ class Daemon:
         await old.aclose()
 
     async def replace_notifier(self, settings: Settings) -> None:
-        # The old one may still be running a command for an event: closed at shutdown.
-        self._retired_notifiers.append(self.notifier)
-        self.notifier = _notifier(settings)
+        self.notices.replace(settings)
 
     def not_ready(self) -> str | None:
         """Why the daemon is not ready (for /readyz), or None. Local checks only."""
@@ -297,7 +287,7 @@ class Daemon:
         from ..queue.service import QueueService
 
         queue = QueueService(self.settings, SmtpDeliverer(self.gate),
-                             notify=self._message_failed,
+                             notify=self.notices.message_failed,
                              hostname=socket.gethostname() or "localhost")
         await queue.start()
         self.queue = queue
@@ -307,37 +297,12 @@ class Daemon:
                  else "")
         return queue
 
-    async def _message_failed(self, account: Account, reason: str) -> None:
-        """The outbound queue gave up on a message: the `message_failed` notification."""
-        if not self.notifier.enabled:
-            log.info("%s: message_failed (%s); no [notify] hook configured", account.address,
-                     reason)
-            return
-        event = Event(account.address, "message_failed", reason, time.time())
-        results = await self.notifier.send(event)
-        self.sent.setdefault(account.key, []).append(
-            {"event": "message_failed", "at": event.at, "results": results})
-
     async def _on_event(self, account: Account, name: str, reason: str,
                         deadline: float | None) -> None:
-        """A token event from the manager: notify once (remembered in the vault across
-        restarts for the events that persist)."""
+        """A token event from the manager: its notification (``notices``)."""
         if name == "authorization_required":
             self.spares.drop(account.key)  # logged in with a grant that is no more
-        if not self.notifier.enabled:
-            log.info("%s: %s (%s); no [notify] hook configured", account.address, name, reason)
-            return
-        event = Event(account.address, cast(EventName, name), reason, time.time(), deadline)
-        if name in ("authorization_required", "deadline_approaching"):
-            mark = f"{name}:{deadline:.0f}" if deadline is not None else event_key(event)
-            try:
-                if not await asyncio.to_thread(self.gate.vault.mark_notified, account.key, mark):
-                    return  # sent before, maybe by an earlier run of the daemon
-            except (OSError, ValueError, VaultError) as exc:
-                log.warning("%s: cannot record the notification: %s", account.address, exc)
-        results = await self.notifier.send(event)
-        self.sent.setdefault(account.key, []).append(
-            {"event": name, "at": event.at, "results": results})
+        await self.notices.token_event(account, name, reason, deadline)
 
     async def _control(self, command: str) -> dict[str, Any]:
         if command == "reload":
@@ -353,7 +318,7 @@ class Daemon:
         queued = await self.queue.status() if self.queue is not None else {}
         return {"pid": os.getpid(), "version": __version__, "started": self.started,
                 "accounts": await report.account_statuses(
-                    self.settings, self.gate.tokens, self.gate.vault, queued, self.sent)}
+                    self.settings, self.gate.tokens, self.gate.vault, queued, self.notices.sent)}
 
     def open_vaults(self, accounts: Sequence[Account]) -> None:
         """Migrate the earlier plain store and, with a master key, open these vaults now."""
@@ -384,11 +349,6 @@ class Daemon:
 def _tls_versions(settings: Settings) -> list[TlsVersion]:
     """The three protocols' oldest TLS versions, and the admin page's."""
     return [*sorted(tls_versions(settings)), ADMIN_TLS_VERSION]
-
-
-def _notifier(settings: Settings) -> Notifier:
-    master = settings.vault.master_key or ""
-    return Notifier(settings.notify, drop_env=[master[4:]] if master.startswith("env:") else [])
 
 
 def make_gate(settings: Settings) -> Gate:
