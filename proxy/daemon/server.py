@@ -1,10 +1,6 @@
-"""The daemon: listeners, the background token refresher, sessions, reload, and a clean
-shutdown (with systemd notifications and metrics when configured).
-
-long: the Daemon object is what reload, the control socket, the admin page and the metrics
-all hold (what it says about itself is in ``report``); the session guard (connection limits,
-TLS, memory release) is the next to move out.
-"""
+"""The daemon: listeners, the background token refresher, reload, and a clean shutdown (with
+systemd notifications and metrics when configured); its IMAP and POP3 sessions are in
+``sessions``, its notifications in ``notices``, what it says about itself in ``report``."""
 
 from __future__ import annotations
 
@@ -15,29 +11,27 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from .. import __version__, logs
+from .. import __version__
 from ..admin.host import ADMIN_TLS_VERSION, admin_service
 from ..admin.model import LINK_COMMAND
 from ..config import Account, Settings, TlsVersion, load_config, parse_hostport
 from ..login import Gate
-from ..net import Conn, peer_host
 from ..tls.contexts import ServerTls, startup_warnings
-from ..tls.listener import ClientTls
 from ..tls.memory import raise_open_file_limit, share_tls_read_buffer
 from ..tokens.keys import load_master_key
 from ..tokens.manager import TokenManager
-from ..vault import Vault, VaultError
-from . import memory, report
+from ..vault import Vault
+from . import report
 from .control import AlreadyRunning, ControlError, ControlServer
-from .limits import BUSY, ConnectionLimits, QuietResourceErrors, refuse
-from .memory import ReleasePolicy, collect_garbage
+from .limits import BUSY, ConnectionLimits, QuietResourceErrors
 from .metrics import Metrics, MetricsServer
-from .notify import Event, EventName, Notifier, event_key
+from .notices import Notices
 from .reload import Loader, Reloader, listeners, tls_versions
+from .sessions import SessionGuard
 from .startup import EXIT_CONFIG, EXIT_CONFLICT, StartupError, bind_error, check_state_dir
 from .systemd import SystemdNotifier
 
@@ -45,7 +39,6 @@ if TYPE_CHECKING:
     from ..queue.service import QueueService
 
 log = logging.getLogger("mailproxy")
-session_log = logging.getLogger("mailproxy.session")
 
 LISTEN_BACKLOG = 4096
 # Everything from SIGTERM to exit fits in this (the unit's TimeoutStopSec is 20 s): sessions get
@@ -53,14 +46,6 @@ LISTEN_BACKLOG = 4096
 STOP_BUDGET = 18.0
 # How often the TLS certificate files are looked at without a connection asking.
 TLS_CHECK_INTERVAL = 60.0
-# Freed memory goes back to the system when sessions ended since the last time and none is
-# open (checked this often), or at most this often while sessions come and go.
-MEMORY_CHECK_INTERVAL = 5.0
-MEMORY_RELEASE_INTERVAL = 60.0
-RELEASE_REPORTED = 16 * 2**20  # a release that gives this much back is logged at info
-MiB = 2**20
-
-Session = Callable[[Gate, Settings, Conn, ClientTls], Awaitable[None]]
 
 
 class Daemon:
@@ -75,13 +60,11 @@ class Daemon:
         if gate is None:
             gate = make_gate(settings)
         self.gate = gate
-        self.notifier = _notifier(settings)
+        self.notices = Notices(settings, gate)  # the [notify] hook and what it was sent
         gate.tokens.set_event_sink(self._on_event)
         self.control = ControlServer(settings.control_path, self._control,
                                      commands=("status", "reload", LINK_COMMAND))
         self.started = time.time()
-        # Per account: the notifications sent by this process (event, time, results).
-        self.sent: dict[str, list[dict[str, Any]]] = {}
         self.servers: dict[str, asyncio.Server] = {}
         self.limits = {proto: ConnectionLimits(listener.max_connections,
                                                listener.max_connections_per_ip)
@@ -91,28 +74,25 @@ class Daemon:
         self.spares = SpareSessions(gate, settings)  # logged-in IMAP sessions made ahead
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
-        self._sessions: set[asyncio.Task[None]] = set()
-        self._open: dict[str, int] = {"imap": 0, "pop3": 0}
+        self.guard = SessionGuard(self)  # the IMAP and POP3 sessions
         self.metrics = Metrics()
         gate.observer = self.metrics
         gate.tokens.source.outcome = self.metrics.token_request
         self.metrics.watch_tokens(lambda: self.settings.accounts, lambda: self.gate.tokens)
-        for proto in self._open:
-            self.metrics.count_sessions(proto, functools.partial(self._open.__getitem__, proto))
+        for proto in self.guard.open:
+            self.metrics.count_sessions(proto,
+                                        functools.partial(self.guard.open.__getitem__, proto))
         self.metrics.count_sessions("smtp", lambda: len(self.smtp.fronts))
         self.metrics_server = MetricsServer(self.metrics, self.not_ready)
         self.systemd = SystemdNotifier(env)
         self.reloader = Reloader(self, loader or (lambda: load_config(config_path)[0]))
-        self._retired_notifiers: list[Notifier] = []
         self.tls = ServerTls(settings, versions=_tls_versions(settings))
         self.smtp.tls = self.tls
         self.admin = admin_service(self)
         self.queue: QueueService | None = None
         self.metrics.watch_queue(lambda: self.settings.accounts,
                                  lambda: self.queue.summary() if self.queue is not None else {})
-        self._refused_logged = 0.0
         self._resources: QuietResourceErrors | None = None  # while running
-        self._ended_count = 0  # IMAP and POP3 sessions ended, for the memory release
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,7 +159,7 @@ class Daemon:
                           tg.create_task(self.reloader.run(), name="reloader"),
                           tg.create_task(self.systemd.run(self.status_line), name="systemd"),
                           tg.create_task(self._check_certificates(), name="tls-reload"),
-                          tg.create_task(self._release_memory(), name="memory-release"),
+                          tg.create_task(self.guard.release_memory(), name="memory-release"),
                           tg.create_task(self.spares.run(), name="imap-spares")]
             if self.admin is not None:
                 await self.admin.start()
@@ -199,25 +179,18 @@ class Daemon:
             for task in background:
                 task.cancel()
             grace = self.settings.shutdown_grace
-            await asyncio.gather(self._drain(grace), self.smtp.drain(grace))
+            await asyncio.gather(self.guard.drain(grace), self.smtp.drain(grace))
             for task in senders:
                 task.cancel()
         # Let a token request already on the wire finish, so a rotated token is not lost.
         await self.gate.tokens.finish_requests(STOP_BUDGET - (time.monotonic() - stopping))
         await self.gate.tokens.aclose()
-        for notifier in [*self._retired_notifiers, self.notifier]:
-            await notifier.aclose()
+        await self.notices.aclose()
 
     async def bind_listeners(self, listen: Mapping[str, str],
                              settings: Settings) -> dict[str, asyncio.Server]:
         """Listening servers for ``{name: "host:port"}`` ("imap", "imaps", ...); all or none
         (a StartupError naming the listener and what to do)."""
-        from ..sessions.imap import imap_session
-        from ..sessions.pop3 import pop3_session
-
-        sessions: dict[str, Session] = {
-            "imap": functools.partial(imap_session, spares=self.spares), "pop3": pop3_session}
-        loop = asyncio.get_running_loop()
         opened: dict[str, asyncio.Server] = {}
         name, host, port = "", "", 0
         try:
@@ -231,9 +204,8 @@ class Daemon:
                     start = self.smtp.start_implicit if implicit else self.smtp.start
                     opened[name] = await start(host, port, backlog=LISTEN_BACKLOG)
                 else:
-                    opened[name] = await loop.create_server(
-                        self._factory(proto, sessions[proto], implicit), host, port,
-                        backlog=LISTEN_BACKLOG, reuse_address=True)
+                    opened[name] = await self.guard.start(proto, implicit, host, port,
+                                                          LISTEN_BACKLOG)
                 if self._resources is not None:  # out of descriptors: "try again later"
                     self._resources.listen(opened[name], b"" if implicit else BUSY[proto])
         except OSError as exc:
@@ -279,9 +251,7 @@ class Daemon:
         await old.aclose()
 
     async def replace_notifier(self, settings: Settings) -> None:
-        # The old one may still be running a command for an event: closed at shutdown.
-        self._retired_notifiers.append(self.notifier)
-        self.notifier = _notifier(settings)
+        self.notices.replace(settings)
 
     def not_ready(self) -> str | None:
         """Why the daemon is not ready (for /readyz), or None. Local checks only."""
@@ -301,7 +271,7 @@ class Daemon:
         return report.needing_attention(self.settings, self.gate.tokens)
 
     def status_line(self) -> str:
-        sessions = sum(self._open.values()) + len(self.smtp.fronts)
+        sessions = sum(self.guard.open.values()) + len(self.smtp.fronts)
         return report.status_line(sessions, self.settings, self.gate.tokens)
 
     def _uses_queue(self) -> bool:
@@ -317,7 +287,7 @@ class Daemon:
         from ..queue.service import QueueService
 
         queue = QueueService(self.settings, SmtpDeliverer(self.gate),
-                             notify=self._message_failed,
+                             notify=self.notices.message_failed,
                              hostname=socket.gethostname() or "localhost")
         await queue.start()
         self.queue = queue
@@ -327,37 +297,12 @@ class Daemon:
                  else "")
         return queue
 
-    async def _message_failed(self, account: Account, reason: str) -> None:
-        """The outbound queue gave up on a message: the `message_failed` notification."""
-        if not self.notifier.enabled:
-            log.info("%s: message_failed (%s); no [notify] hook configured", account.address,
-                     reason)
-            return
-        event = Event(account.address, "message_failed", reason, time.time())
-        results = await self.notifier.send(event)
-        self.sent.setdefault(account.key, []).append(
-            {"event": "message_failed", "at": event.at, "results": results})
-
     async def _on_event(self, account: Account, name: str, reason: str,
                         deadline: float | None) -> None:
-        """A token event from the manager: notify once (remembered in the vault across
-        restarts for the events that persist)."""
+        """A token event from the manager: its notification (``notices``)."""
         if name == "authorization_required":
             self.spares.drop(account.key)  # logged in with a grant that is no more
-        if not self.notifier.enabled:
-            log.info("%s: %s (%s); no [notify] hook configured", account.address, name, reason)
-            return
-        event = Event(account.address, cast(EventName, name), reason, time.time(), deadline)
-        if name in ("authorization_required", "deadline_approaching"):
-            mark = f"{name}:{deadline:.0f}" if deadline is not None else event_key(event)
-            try:
-                if not await asyncio.to_thread(self.gate.vault.mark_notified, account.key, mark):
-                    return  # sent before, maybe by an earlier run of the daemon
-            except (OSError, ValueError, VaultError) as exc:
-                log.warning("%s: cannot record the notification: %s", account.address, exc)
-        results = await self.notifier.send(event)
-        self.sent.setdefault(account.key, []).append(
-            {"event": name, "at": event.at, "results": results})
+        await self.notices.token_event(account, name, reason, deadline)
 
     async def _control(self, command: str) -> dict[str, Any]:
         if command == "reload":
@@ -373,7 +318,7 @@ class Daemon:
         queued = await self.queue.status() if self.queue is not None else {}
         return {"pid": os.getpid(), "version": __version__, "started": self.started,
                 "accounts": await report.account_statuses(
-                    self.settings, self.gate.tokens, self.gate.vault, queued, self.sent)}
+                    self.settings, self.gate.tokens, self.gate.vault, queued, self.notices.sent)}
 
     def open_vaults(self, accounts: Sequence[Account]) -> None:
         """Migrate the earlier plain store and, with a master key, open these vaults now."""
@@ -393,25 +338,6 @@ class Daemon:
             except (OSError, ValueError) as exc:
                 log.error("account %s: token vault unusable: %s", account.address, exc)
 
-    def _factory(self, proto: str, session: Session, implicit: bool) -> Callable[[], Conn]:
-        def make() -> Conn:
-            # The TLS settings of this moment: a reload reaches the next connection.
-            listener = getattr(self.settings, proto)
-            tls = ClientTls(self.tls, listener.tls_min_version, implicit=implicit,
-                            required=implicit or listener.plain_requires_tls)
-            conn = Conn(tls_first=implicit)
-            task = asyncio.get_running_loop().create_task(
-                self._guard(proto, session, conn, tls))
-            self._sessions.add(task)
-            task.add_done_callback(self._session_done)
-            return conn
-
-        return make
-
-    def _session_done(self, task: asyncio.Task[None]) -> None:
-        self._sessions.discard(task)
-        self._ended_count += 1
-
     async def _check_certificates(self) -> None:
         """Renewal and a replaced file do not wait for a client (the contexts of now: a
         reload may replace them)."""
@@ -419,81 +345,10 @@ class Daemon:
             await asyncio.sleep(TLS_CHECK_INTERVAL)
             await self.tls.refresh()
 
-    async def _release_memory(self) -> None:
-        """Hand memory freed by ended sessions back to the system (``memory.ReleasePolicy``
-        says when), so RSS goes back down after a crowd of clients leaves."""
-        policy = ReleasePolicy(MEMORY_RELEASE_INTERVAL)
-        while True:
-            await asyncio.sleep(MEMORY_CHECK_INTERVAL)
-            ended = self._ended_count + self.smtp.ended
-            open_sessions = sum(self._open.values()) + len(self.smtp.fronts)
-            if policy.due(ended, open_sessions):
-                policy.released(ended)
-                started = time.monotonic()
-                collect_garbage(open_sessions)  # on the loop: it holds the GIL anyway
-                before, after = await asyncio.to_thread(memory.release)
-                log.log(logging.INFO if before - after >= RELEASE_REPORTED else logging.DEBUG,
-                        "gave %.0f MiB of memory back to the system (RSS %.0f -> %.0f MiB, "
-                        "%d sessions open) in %.0f ms", (before - after) / MiB, before / MiB,
-                        after / MiB, open_sessions, (time.monotonic() - started) * 1000)
-
-    async def _guard(self, proto: str, session: Session, conn: Conn, tls: ClientTls) -> None:
-        # The protocol factory runs before the transport is attached.
-        await conn.connected
-        host = peer_host(conn)
-        limits = self.limits[proto]
-        if not limits.admit(host):
-            assert conn.transport is not None
-            refuse(conn.transport, proto)
-            self._log_refused(proto, host)
-            return
-        assert conn.transport is not None
-        # This task's context: every line the session logs carries its peer and id.
-        logs.begin_session(proto, conn.transport.get_extra_info("peername"))
-        started = time.monotonic()
-        session_log.debug("session started")
-        self._open[proto] += 1
-        try:
-            await session(self.gate, self.settings, conn, tls)
-        except asyncio.CancelledError:
-            conn.abort()
-            raise
-        except Exception:
-            log.exception("%s session failed", proto)
-            conn.abort()
-        finally:
-            limits.release(host)
-            self._open[proto] -= 1
-            counts = conn.counts or logs.tcp_counts(conn.transport)
-            conn.close()
-            logs.log_session_end(session_log, started, counts)
-            if counts is not None:  # the kernel's counters, read as the connection went
-                self.metrics.session_ended(proto, *counts)
-
-    def _log_refused(self, proto: str, host: str) -> None:
-        now = time.monotonic()
-        if now - self._refused_logged >= 10.0:  # not a line per connection of a flood
-            self._refused_logged = now
-            log.warning("%s: connection from %s refused: too many connections", proto, host)
-
-    async def _drain(self, grace: float) -> None:
-        """Give open sessions ``grace`` seconds to finish, then cut them off."""
-        if not self._sessions:
-            return
-        _, pending = await asyncio.wait(set(self._sessions), timeout=grace)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
 
 def _tls_versions(settings: Settings) -> list[TlsVersion]:
     """The three protocols' oldest TLS versions, and the admin page's."""
     return [*sorted(tls_versions(settings)), ADMIN_TLS_VERSION]
-
-
-def _notifier(settings: Settings) -> Notifier:
-    master = settings.vault.master_key or ""
-    return Notifier(settings.notify, drop_env=[master[4:]] if master.startswith("env:") else [])
 
 
 def make_gate(settings: Settings) -> Gate:

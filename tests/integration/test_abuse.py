@@ -316,7 +316,7 @@ async def test_client_that_stops_reading_mid_fetch_is_cut(harness: ProxyHarness,
         await client.send(b"t3 FETCH 1 BODY.PEEK[]\r\n")
 
         async def cut() -> bool:
-            return not daemon._sessions
+            return not daemon.guard.tasks
 
         await _until(cut, 15)
         client.writer.close()
