@@ -5,10 +5,11 @@ Python's own small-object allocator (pymalloc) takes memory from the system in 1
 and returns an arena only when every object in it is gone. Thousands of sessions fill many
 arenas; when they end, the few objects created meanwhile that live on (a cache entry, a log
 handler's state, the interpreter's free lists) keep most of those arenas, so the RSS stays
-near its peak: 9,000 idle IMAP sessions took the daemon from 73 to 452 MiB and it kept 196 MiB
-after they closed. With ``PYTHONMALLOC=malloc`` small objects come from glibc's heap instead,
-whose free pages ``malloc_trim`` hands back one by one: after the same 9,000 sessions the
-daemon went back to 104 MiB (74 at start), at the same memory per held session.
+high: 9,000 idle IMAP sessions took the daemon from 73 to 451 MiB and it kept 141 MiB after
+they closed (``bench/idle_bench.py --python-allocator``). With ``PYTHONMALLOC=malloc`` small
+objects come from glibc's heap instead, whose free pages ``malloc_trim`` hands back one by
+one: after the same 9,000 sessions the daemon went back to 99 MiB (74.5 at start), at 46 KB
+per held session instead of 44 (64 instead of 57 over TLS).
 
 ``PYTHONMALLOC`` is read once, when the interpreter starts, so ``mailproxy run`` restarts
 itself once with it (``exec``: same process id, same arguments) unless it is already set: a
