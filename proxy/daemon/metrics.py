@@ -8,7 +8,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -119,6 +126,9 @@ class Metrics(Observer):
         self.build_info = Gauge("mailproxy_build_info", "The running version.", ["version"],
                                 registry=registry)
         self.build_info.labels(__version__).set(1)
+        # The standard process_* series (Linux): resident memory, open descriptors and their
+        # limit, CPU seconds, start time: what sessions cost and whether memory goes back.
+        ProcessCollector(registry=registry)
         for proto in PROTOCOLS:
             self.sessions.labels(proto)
 

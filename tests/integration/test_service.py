@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -340,6 +341,9 @@ async def test_metrics_count_a_scripted_series(harness: ProxyHarness, dovecot: D
     assert value("mailproxy_relayed_bytes_total", protocol="imap", direction="out") > 0
     assert total("mailproxy_sessions") == 0
     assert total("mailproxy_build_info") == 1
+    if sys.platform.startswith("linux"):  # prometheus_client's process collector: /proc
+        assert value("process_resident_memory_bytes") > 10 * 2**20
+        assert 0 < value("process_open_fds") <= value("process_max_fds")
 
 
 async def test_stop_gives_sessions_their_grace_and_lets_a_token_request_finish(
