@@ -13,10 +13,10 @@ listener, trusting the proxy's CA from ``mailproxy tls export-ca``), the client 
 the shared TLS read buffer itself, so that it stays small) opens ``--sessions`` sessions, each
 one logged in (the proxy's upstream leg is TLS to Dovecot's imaps port), reads the proxy's
 RSS from /proc, sends NOOP on every session and checks the answer, closes them all, and reads
-the RSS again once the proxy has handed freed memory back (it does so within 5 s of the last
-session's end: ``proxy/daemon/memory.py``). The proxy runs as ``mailproxy run`` does, with the
-C library's allocator; ``--python-allocator`` starts it with ``PYTHONMALLOC=pymalloc`` instead,
-to compare.
+the RSS again once the proxy has handed freed memory back (it does so within 5 s once a crowd
+of sessions has ended and none is open: ``proxy/daemon/memory.py``). The proxy runs as
+``mailproxy run`` does, with the C library's allocator; ``--python-allocator`` starts it with
+``PYTHONMALLOC=pymalloc`` instead, to compare.
 
 Goals (issue 11): at most 64 KB per session with a plaintext client leg, 128 KB over the TLS
 listener, and back near the start-up figure after. Each session holds two descriptors in the
@@ -47,7 +47,7 @@ USER = "idle@example.test"
 LOCAL_PASSWORD = "bench local password"
 GOALS_KB = {"plain": 64, "tls": 128}
 CONCURRENCY = 50  # logins in flight at once
-RELEASE_WAIT = 20.0  # the daemon releases freed memory within 5 s of the last session's end
+RELEASE_WAIT = 20.0  # the daemon releases freed memory within 5 s once the crowd has left
 
 
 class ManyDovecot(Dovecot):

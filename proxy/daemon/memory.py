@@ -55,17 +55,23 @@ def wants_c_allocator(environ: Mapping[str, str], *, platform: str = sys.platfor
 def use_c_allocator(argv: list[str] | None = None) -> None:
     """Restart this process with ``PYTHONMALLOC=malloc`` when ``wants_c_allocator`` says so
     (never returns then). ``argv``: the interpreter's own command line (``sys.orig_argv``)."""
-    if not wants_c_allocator(os.environ):
+    global _tried
+    if _tried or not wants_c_allocator(os.environ):
         return
+    _tried = True  # once: a failed exec is said once, not again by ``cli.main``
     argv = list(sys.orig_argv if argv is None else argv)
     environ = {**os.environ, "PYTHONMALLOC": "malloc", MARKER: "1"}
     for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+        if stream is not None:  # None when the descriptor was closed at start
+            stream.flush()
     try:
         os.execve(sys.executable, argv, environ)  # noqa: S606 (our own interpreter, argv as given)
     except OSError as exc:  # carry on with Python's allocator: a bigger RSS, nothing worse
         log.warning("could not restart with the C library's memory allocator (%s); memory "
                     "freed by ended sessions may not go back to the system", exc)
+
+
+_tried = False
 
 
 def command_of(argv: list[str]) -> str | None:
@@ -104,11 +110,14 @@ def allocator_in_use() -> str:
 
 class ReleasePolicy:
     """When to hand freed memory back: when sessions have ended since the last time, and
-    either none is open any more (a crowd has left: at once) or ``interval`` seconds have
-    passed (steady churn: now and then). Fed the running count of ended sessions."""
+    either a crowd has left (at least ``crowd`` ended and none is open: at once) or
+    ``interval`` seconds have passed (steady churn, a probe now and then: at that pace).
+    Fed the running count of ended sessions."""
 
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, interval: float, crowd: int = 50,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.interval = interval
+        self.crowd = crowd
         self.clock = clock
         self._ended = 0
         self._last = clock()
@@ -116,7 +125,9 @@ class ReleasePolicy:
     def due(self, ended: int, open_sessions: int) -> bool:
         if ended == self._ended:
             return False
-        return open_sessions == 0 or self.clock() - self._last >= self.interval
+        if open_sessions == 0 and ended - self._ended >= self.crowd:
+            return True
+        return self.clock() - self._last >= self.interval
 
     def released(self, ended: int) -> None:
         self._ended, self._last = ended, self.clock()

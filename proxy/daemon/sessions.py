@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailproxy")
 session_log = logging.getLogger("mailproxy.session")
 
-# Freed memory goes back to the system when sessions ended since the last time and none is
-# open (checked this often), or at most this often while sessions come and go.
+# Freed memory goes back to the system when a crowd of sessions has ended and none is open
+# (checked this often), or at most this often while sessions come and go (ReleasePolicy).
 MEMORY_CHECK_INTERVAL = 5.0
 MEMORY_RELEASE_INTERVAL = 60.0
 RELEASE_REPORTED = 16 * 2**20  # a release that gives this much back is logged at info

@@ -28,6 +28,18 @@ log = logging.getLogger("mailproxy.spare")
 
 # How often spares are looked at for expiry (and for a server that closed them).
 EXPIRE_INTERVAL = 10.0
+# How long a client login waits for a spare being made before it logs in on its own: longer
+# than an upstream login takes, far shorter than a client's patience.
+SPARE_WAIT = 5.0
+
+
+def boot_clock() -> float:
+    """Seconds that go on while the machine sleeps (``CLOCK_BOOTTIME``; ``monotonic`` does
+    not count a suspend): a spare made before a laptop's night is too old the next morning."""
+    return time.clock_gettime(_BOOTTIME)
+
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
 @dataclass(eq=False)
@@ -52,7 +64,7 @@ class SpareSessions:
 
     def __init__(self, gate: Gate, settings: Settings, *,
                  make: Callable[[Account], ImapUpstreamSession] = ImapUpstreamSession,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = boot_clock) -> None:
         self.gate = gate
         self.settings = settings
         self._make = make
@@ -82,8 +94,8 @@ class SpareSessions:
             # neither its failure nor its cancellation at shutdown is raised here.) One login
             # waits for it: the others of a client opening several connections at once would
             # only wait to find it taken, and log in the normal way at once instead.
-            timeout = None if deadline is None \
-                else max(0.0, deadline - asyncio.get_running_loop().time())
+            timeout = SPARE_WAIT if deadline is None \
+                else min(SPARE_WAIT, max(0.0, deadline - asyncio.get_running_loop().time()))
             self._awaited.add(key)
             try:
                 await asyncio.wait({making}, timeout=timeout)
@@ -115,8 +127,12 @@ class SpareSessions:
         # A context of its own: its log lines are not the client session's.
         context = contextvars.Context()
         context.run(_log_context, account)
-        self._making[key] = tasks.create_task(self._refill(account), context=context,
-                                              name=f"imap spare {key}")
+        refill = self._refill(account)
+        try:
+            self._making[key] = tasks.create_task(refill, context=context,
+                                                  name=f"imap spare {key}")
+        except RuntimeError:  # the task group is shutting down: the daemon is stopping
+            refill.close()
 
     # -- keeping them current ------------------------------------------------------------
 
@@ -174,6 +190,7 @@ class SpareSessions:
         self.pool.give(key, spare)
         log.debug("spare imap session for %s ready in %.1f ms", account.address,
                   (time.monotonic() - started) * 1000)
+        self.used(account)  # the next one, while fewer than spare_sessions are ready
 
     async def run(self) -> None:
         """Own the tasks making spares and expire spares, until cancelled; then close all."""

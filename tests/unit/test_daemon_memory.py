@@ -92,12 +92,14 @@ class Clock:
 
 def test_release_when_a_crowd_has_left_or_now_and_then() -> None:
     clock = Clock()
-    policy = ReleasePolicy(60.0, clock)
+    policy = ReleasePolicy(60.0, crowd=50, clock=clock)
     assert not policy.due(ended=0, open_sessions=0)  # nothing ended: nothing to give back
     assert not policy.due(ended=500, open_sessions=12)  # still busy, and not a minute yet
-    assert policy.due(ended=500, open_sessions=0)  # everyone has left: at once
+    assert policy.due(ended=500, open_sessions=0)  # a crowd has left: at once
     policy.released(500)
     assert not policy.due(ended=500, open_sessions=0)  # once
+    # A health check now and then: not a crowd, so at the steady pace only.
+    assert not policy.due(ended=501, open_sessions=0)
     clock.now += 59
     assert not policy.due(ended=510, open_sessions=3)
     clock.now += 1
@@ -133,3 +135,24 @@ def test_release_hands_free_heap_pages_back() -> None:
                           text=True, timeout=60, check=True)
     before, after = map(int, done.stdout.split())
     assert before - after > 40 * 2**20, (before, after)
+
+
+def test_a_failed_restart_is_said_once_and_closed_streams_do_not_stop_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """stdout closed at start (an init script's ``>&-``: ``sys.stdout`` is None) must not stop
+    ``run``; an exec that fails leaves Python's allocator, said once although both entry
+    points (``launch`` and ``cli.main``) ask."""
+    calls: list[list[str]] = []
+
+    def execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+        calls.append(argv)
+        raise PermissionError("exec refused")
+
+    monkeypatch.setattr(memory, "_tried", False)
+    monkeypatch.setattr(memory, "wants_c_allocator", lambda environ: True)
+    monkeypatch.setattr(os, "execve", execve)
+    monkeypatch.setattr(sys, "stdout", None)
+    memory.use_c_allocator(["python", "-m", "proxy", "run"])
+    memory.use_c_allocator(["python", "-m", "proxy", "run"])
+    assert calls == [["python", "-m", "proxy", "run"]]
+    assert caplog.text.count("could not restart with the C library's memory allocator") == 1

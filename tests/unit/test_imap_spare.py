@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +17,8 @@ import pytest
 from proxy.config import Account, ImapListener, Settings
 from proxy.login import Refusal
 from proxy.observe import Observer
-from proxy.sessions.spare import SpareSessions
+from proxy.sessions import spare as spare_module
+from proxy.sessions.spare import SpareSessions, boot_clock
 from proxy.tokens.store import TokenState
 
 
@@ -247,6 +249,58 @@ async def test_one_login_waits_for_a_spare_being_made_the_others_go_on() -> None
         gate.hold.set()
         assert await first is not None
     assert gate.observer.spares == ["miss", "hit"]
+
+
+async def test_spare_sessions_ready_up_to_the_setting() -> None:
+    gate, a = Gate(), account()
+    async with running(holder(gate, settings(a, spare_sessions=2))) as spares:
+        spares.used(a)
+        async with asyncio.timeout(2):
+            while spares.pool.idle(a.key) < 2:
+                await asyncio.sleep(0)
+        await made(spares)
+        assert spares.pool.idle(a.key) == 2 and gate.logins == 2  # and no more
+
+
+async def test_a_login_waits_a_few_seconds_at_most_for_a_spare(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not the client's whole login deadline: a refill stuck on a server that does not answer
+    would make the client wait for it and then for its own login."""
+    monkeypatch.setattr(spare_module, "SPARE_WAIT", 0.05)
+    gate, a = Gate(), account()
+    gate.hold = asyncio.Event()
+    async with running(holder(gate, settings(a))) as spares:
+        spares.used(a)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await spares.take(a, loop.time() + 60) is None
+        assert loop.time() - started < 1
+        gate.hold.set()
+
+
+async def test_a_login_while_the_daemon_stops_makes_no_spare_and_no_error() -> None:
+    gate, a, b = Gate(), account(), account("b@example.com")
+    gate.hold = asyncio.Event()
+    spares = holder(gate, settings(a, b))
+    task = asyncio.create_task(spares.run())
+    await asyncio.sleep(0)
+    spares.used(a)  # a refill the task group waits for while it shuts down
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.sleep(0)
+    spares.used(b)  # a client login that succeeded meanwhile: no RuntimeError
+    gate.hold.set()
+    await asyncio.gather(task, return_exceptions=True)
+    assert spares.pool.idle(a.key) == spares.pool.idle(b.key) == 0
+
+
+def test_spare_age_counts_a_suspend() -> None:
+    """The pool's clock is CLOCK_BOOTTIME where there is one: it goes on while the machine
+    sleeps, unlike ``monotonic``, so a spare made before a suspend is not handed out after."""
+    holder_clock = SpareSessions(Gate(), settings()).pool.clock  # type: ignore[arg-type]
+    assert holder_clock is boot_clock
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        assert boot_clock() >= time.clock_gettime(time.CLOCK_MONOTONIC) - 0.001
 
 
 async def test_dropped_while_being_made_is_not_kept_and_off_makes_none() -> None:

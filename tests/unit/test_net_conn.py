@@ -125,6 +125,9 @@ async def test_upstream_connections_probe_when_idle() -> None:
                 net.KEEPALIVE_IDLE
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == \
                 net.KEEPALIVE_COUNT
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == \
+                net.USER_TIMEOUT * 1000
     finally:
         conn.close()
         server.close()
