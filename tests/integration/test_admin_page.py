@@ -104,9 +104,28 @@ def sign_in_link(config: Path) -> str:
 
 
 def wait_for(condition: Any, timeout: float = 20.0) -> Any:
+    """Poll until `condition()` is truthy. An element of the page being left (stale) or of the
+    one not there yet (no such element) only means "not yet"."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(None, timeout, poll_frequency=0.1).until(lambda _: condition())
+    return WebDriverWait(None, timeout, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)
+                         ).until(lambda _: condition())
+
+
+def outcome_banner(page: Any, url_tail: str) -> Any:
+    """The account page's outcome banner (ok or bad) after a sign-in that ends on that page.
+    The page was already at this URL before the form went off, and the callback page moves on
+    by a meta refresh, so the URL alone says nothing: wait for the banner itself."""
+    from selenium.webdriver.common.by import By
+
+    def found() -> Any:
+        if not page.current_url.endswith(url_tail):
+            return None
+        return page.find_elements(By.CSS_SELECTOR, ".banner.ok, .banner.bad")
+
+    return wait_for(found)[0]
 
 
 def imap_login(port: int, user: str, password: str) -> str:
@@ -146,8 +165,9 @@ def test_sign_in_from_the_page_then_imap_with_its_passwords(
         row.find_element(By.LINK_TEXT, "Sign in…").click()
         page.find_element(By.CSS_SELECTOR, "#signin button[type=submit]").click()
         # -> the token server's /authorize (approves at once) -> /oauth/callback -> the account
-        wait_for(lambda: page.current_url.endswith(f"/accounts/{mail_user}"))
-        assert "Done:" in page.find_element(By.CSS_SELECTOR, ".banner.ok").text
+        banner = outcome_banner(page, f"/accounts/{mail_user}")
+        assert "ok" in banner.get_attribute("class").split(), banner.text
+        assert "Done:" in banner.text
         generated = page.find_element(By.CSS_SELECTOR, "code.secret").text
         assert len(generated) >= 20
         assert "✓ Authorized" in page.find_element(By.CSS_SELECTOR, "#signin").find_element(

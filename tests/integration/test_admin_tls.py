@@ -32,6 +32,7 @@ from tests.integration.test_admin_page import (
     NOTES_SCREENSHOT,
     account_keys,
     daemon,
+    outcome_banner,
     screenshot,
     sign_in_link,
     wait_for,
@@ -178,8 +179,9 @@ def test_admin_page_over_tls_in_a_browser(tls_daemon: TlsDaemon, token_server: T
         page.get(f"{base}/accounts/{user}")
         assert f"{base}/oauth/callback" in page.find_element(By.ID, "signin").text
         page.find_element(By.CSS_SELECTOR, "#signin button[type=submit]").click()
-        wait_for(lambda: page.current_url == f"{base}/accounts/{user}")
-        assert "is authorized" in page.find_element(By.CSS_SELECTOR, ".banner.ok").text
+        banner = outcome_banner(page, f"{base}/accounts/{user}")
+        assert "ok" in banner.get_attribute("class").split(), banner.text
+        assert "is authorized" in banner.text
         assert authority.authorize_requests[-1]["redirect_uri"] == f"{base}/oauth/callback"
     finally:
         page.quit()
