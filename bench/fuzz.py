@@ -60,6 +60,8 @@ from common import die_with_parent, proc_cpu  # noqa: E402
 from fuzzcheck import Checker, make_checker  # noqa: E402
 from fuzzgen import PASSWORD, USER, Inputs  # noqa: E402
 
+from tests.support.servers import free_port  # noqa: E402
+
 PROTOCOLS = ("imap", "pop3", "smtp")
 # Connections at once: enough that the daemon always has work while some wait for replies.
 CONNECTIONS = 64
@@ -76,12 +78,6 @@ _LOG_PROBLEM = re.compile(rb"Traceback|\bERROR\b|CRITICAL")
 # A refused login that cost the daemon a password check (scrypt, ~0.1 s of a core).
 _LOG_CHECKED = re.compile(rb"refused for .* \((?:credentials|authorization)\)")
 _LOG_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- the daemon ----------------------------------------------------------------------------

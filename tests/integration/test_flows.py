@@ -27,6 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from proxy.config import Account
 from proxy.tokens.flows import FlowError, Grant, app_token_form, authorize, client_auth_params
+from tests.support.servers import free_port
 from tests.support.tokenserver import TEST_CLIENT_ID, TEST_CLIENT_SECRET, TokenServer
 
 PUBLIC_CLIENT = "mailproxy-public-client"
@@ -152,15 +153,6 @@ def no_redirect_location(url: str) -> str:
 
 def query_of(url: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlsplit(url).query).items()}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Credentials:
