@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import time
@@ -14,19 +15,35 @@ from typing import ClassVar
 _HANDED_OUT: set[int] = set()
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free TCP port on ``host`` (the usual bind-to-0 trick), never one this
-    process handed out before: the kernel may give a port it just released to the very next
-    bind-to-0, so a config's seven ports asked in a row would otherwise share one now and then
-    (about 1 in 600 configs, measured), and the daemon fails to bind its second listener."""
+    """A currently free TCP port on ``host`` for a server a test starts, never one this process
+    handed out before. It is taken below the kernel's ephemeral range: there, between this
+    check and the server's bind, the port could go to any outgoing connection on the machine
+    (or to the next bind-to-0, which gave two listeners of one config the same port about 1
+    config in 600); below it, only an explicit bind can take it."""
+    low, high = _ephemeral_range()
+    pool = range(10000, low) if low - 10000 >= 2000 else range(high + 1, 65536)
+    rng = random.Random()
     for _ in range(1000):
+        port = rng.choice(pool)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port: int = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError("no free port that was not handed out already")
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free port found in {pool}")
 
 
 def port_open(host: str, port: int) -> bool:
