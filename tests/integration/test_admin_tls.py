@@ -201,9 +201,17 @@ def test_one_sign_in_at_a_time_between_page_and_cli(tls_daemon: TlsDaemon,
         account = f"{d.base}/accounts/{user}"
         csrf = re.search(r'name="csrf" value="([^"]+)"', http.get(account).text)[1]  # type: ignore[index]
 
+        before = set(authority.pending_user_codes())
+
+        def new_code(*seen: str) -> str:
+            """A code handed out after this test began (a code of another, left pending,
+            would be taken for this one's at once)."""
+            return wait_for(lambda: [c for c in authority.pending_user_codes()
+                                     if c not in before and c not in seen], 20)[0]
+
         # The page holds it: authorize says so.
         http.post(account + "/signin", data={"csrf": csrf, "password": "page pw"})
-        page_code = wait_for(lambda: authority.pending_user_codes(), 10)[0]
+        page_code = new_code()
         cli = mailproxy("authorize", user, "--config", config, env=env)
         assert cli.returncode == 1
         assert (f"the admin page (mailproxy daemon, pid {d.pid}) is signing {user} in right "
@@ -217,8 +225,7 @@ def test_one_sign_in_at_a_time_between_page_and_cli(tls_daemon: TlsDaemon,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=env)
         try:
-            cli_code = wait_for(lambda: [c for c in authority.pending_user_codes()
-                                         if c != page_code], 20)[0]
+            cli_code = new_code(page_code)
             answer = http.post(account + "/signin", data={"csrf": csrf, "password": "x"},
                                follow_redirects=False)
             assert answer.headers["location"] == f"/accounts/{user}"
@@ -238,8 +245,7 @@ def test_one_sign_in_at_a_time_between_page_and_cli(tls_daemon: TlsDaemon,
         answer = http.post(account + "/signin", data={"csrf": csrf, "password": "cli pw"},
                            follow_redirects=False)
         assert answer.headers["location"] == f"/accounts/{user}/device"
-        last = wait_for(lambda: [c for c in authority.pending_user_codes()
-                                 if c not in (page_code, cli_code)], 10)[0]
+        last = new_code(page_code, cli_code)
         http.post(account + "/signin/cancel", data={"csrf": csrf})
         authority.deny_device(last)
     assert not {page_code, cli_code, last} & set(authority.pending_user_codes())

@@ -85,34 +85,46 @@ def test_device_flow_and_one_authorization_at_a_time(
                           account=account_keys(token_server, "device_code"))
     authority = token_server.authority
     authority.device_interval = 0.2
+    before = set(authority.pending_user_codes())  # not this test's: never approve those
     approved = threading.Event()
 
-    def person() -> None:  # enters the code on "another device" a little later
-        for _ in range(200):
-            codes = authority.pending_user_codes()
-            if codes:
-                time.sleep(0.5)
-                authority.approve_device(codes[0], mail_user)
-                approved.set()
-                return
-            time.sleep(0.05)
+    def new_codes() -> list[str]:
+        return [c for c in authority.pending_user_codes() if c not in before]
 
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "authorize", mail_user, "--config", str(config)],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, env=browser_env())
-    for _ in range(100):  # wait until the first one holds the lock and shows its code
-        if authority.pending_user_codes():
-            break
-        time.sleep(0.05)
-    second = mailproxy("authorize", mail_user, "--config", str(config), env=browser_env())
-    assert second.returncode == 1
-    assert f"another `mailproxy authorize {mail_user}` is already running (pid {proc.pid})" \
-        in second.stderr
-    thread = threading.Thread(target=person)
-    thread.start()
-    out, err = proc.communicate("device pw\n", timeout=60)
-    thread.join()
+    try:
+        # It takes the lock before it asks for a code: once its code is out, it holds it.
+        deadline = time.monotonic() + 30
+        while not new_codes():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the first authorize showed no code in 30 s"
+            time.sleep(0.05)
+        [code] = new_codes()
+        second = mailproxy("authorize", mail_user, "--config", str(config), env=browser_env())
+        assert second.returncode == 1
+        assert f"another `mailproxy authorize {mail_user}` is already running (pid {proc.pid})" \
+            in second.stderr
+        assert new_codes() == [code]  # refused before it asked for one
+
+        def person() -> None:  # enters the code on "another device" while it polls
+            for _ in range(600):
+                if (code, "authorization_pending") in authority.device_polls:
+                    authority.approve_device(code, mail_user)
+                    approved.set()
+                    return
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=person)
+        thread.start()
+        out, err = proc.communicate("device pw\n", timeout=60)
+        thread.join()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert approved.is_set()
     assert proc.returncode == 0, err
     assert "authorization_pending" not in err  # polling is quiet, the person sees a countdown

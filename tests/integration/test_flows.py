@@ -455,23 +455,26 @@ def user_code_from(console: FakeConsole) -> str:
 async def test_device_flow_pending_slow_down_then_approved(
     ts: TokenServer, mail_user: str
 ) -> None:
-    ts.authority.device_interval = 0.2
-    ts.authority.device_slow_down_step = 0.1  # the server then wants 0.3 s between polls
+    # 1 s: the two polls around wait 1 must come closer than that for the slow_down (two
+    # requests on the loopback; 0.2 s was too short on a busy machine now and then).
+    ts.authority.device_interval = 1.0
+    ts.authority.device_slow_down_step = 0.1  # the server then wants 1.1 s between polls
     console = FakeConsole()
 
     def approve() -> None:
         ts.authority.approve_device(user_code_from(console), mail_user)
 
-    # Wait 0: the real interval (pending). Wait 1: none at all, as if the machine woke
-    # early: the server answers slow_down. Wait 2: the person has signed in.
-    waits = Waits(cap=0.4, actions={1: lambda: 0.0, 2: approve})
+    # Wait 0: none for real (the server checks the spacing from the first poll on): pending.
+    # Wait 1: none at all, as if the machine woke early: the server answers slow_down.
+    # Wait 2: the person has signed in; 1.2 s for real, more than the server's 1.1 s.
+    waits = Waits(cap=1.2, actions={0: lambda: 0.0, 1: lambda: 0.0, 2: approve})
     account = make_account(ts, mail_user, flow="device_code", client_id=PUBLIC_CLIENT,
                            client_secret=None)
     grant = await run(account, console, sleep=waits)
 
     outcomes = [outcome for _, outcome in ts.authority.device_polls]
     assert outcomes == ["authorization_pending", "slow_down", "ok"]
-    assert waits.asked == pytest.approx([0.2, 0.2, 5.2])  # RFC 8628: 5 s more after slow_down
+    assert waits.asked == pytest.approx([1.0, 1.0, 6.0])  # RFC 8628: 5 s more after slow_down
     said = console.said[0]
     assert ts.device_authorization_url.replace("/devicecode", "/device") in said
     assert "user_code=" in said  # verification_uri_complete

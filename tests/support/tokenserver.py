@@ -311,8 +311,11 @@ class TokenAuthority:
             self.device_polls.clear()
 
     def reset_settings(self) -> None:
-        """Put the per-test settings back to defaults and drop pending injected failures."""
+        """Put the per-test settings back to defaults, drop pending injected failures and
+        forget the device codes handed out (an earlier test's code left pending must not look
+        like this test's)."""
         with self._lock:
+            self._devices.clear()
             self.access_token_lifetime = DEFAULT_ACCESS_TOKEN_LIFETIME
             self.rotate_refresh_tokens = False
             self.retire_rotated_on_first_use = False

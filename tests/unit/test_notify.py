@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -136,18 +136,23 @@ async def test_command_runs_without_a_shell(tmp_path: Path) -> None:
 
 async def test_hanging_command_is_killed_with_its_children(tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild.pid"
+    # A fork, not a second interpreter: the grandchild and its pid file are there a moment
+    # after the command starts, well within the timeout even on a busy machine.
     body = f"""\
-import subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-open({str(pidfile)!r}, "w").write(str(child.pid))
+import os, time
+child = os.fork()
+if child == 0:
+    time.sleep(60)
+    os._exit(0)
+open({str(pidfile)!r}, "w").write(str(child))
 time.sleep(60)
 """
-    notifier = Notifier(NotifySettings(command=script(tmp_path, "hang.py", body), timeout=1.0))
+    notifier = Notifier(NotifySettings(command=script(tmp_path, "hang.py", body), timeout=2.0))
     started = time.monotonic()
     results = await notifier.send(EVENT)
     elapsed = time.monotonic() - started
-    assert results == ["command: failed: timed out after 1s (killed)"]
-    assert elapsed < 4.0
+    assert results == ["command: failed: timed out after 2s (killed)"]
+    assert elapsed < 5.0  # not the minute the command (and the grandchild holding stderr) hang
     # The whole process group went, not only the process we started.
     assert process_gone(int(pidfile.read_text()))
 
@@ -238,6 +243,7 @@ class Receiver:
 
     statuses: list[int] = field(default_factory=list)
     delay: float = 0.0
+    hold: Callable[[], bool] | None = None  # called before answering; False: answer 409
     location: str | None = None
     requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
     port: int = 0
@@ -260,6 +266,8 @@ def serving(rec: Receiver) -> Iterator[Receiver]:
             rec.requests.append((self.path, dict(self.headers.items()), body))
             time.sleep(rec.delay)
             status = rec.statuses.pop(0) if rec.statuses else 204
+            if rec.hold is not None and not rec.hold():
+                status = 409
             self.send_response(status)
             if rec.location:
                 self.send_header("Location", rec.location)
@@ -383,18 +391,36 @@ async def test_webhook_timeout(receiver: Receiver) -> None:
 
 
 async def test_both_channels_run_concurrently(tmp_path: Path, receiver: Receiver) -> None:
-    receiver.delay = 1.0
-    out = tmp_path / "ran"
-    body = f"import time\ntime.sleep(1.0)\nopen({str(out)!r}, 'w').write('yes')\n"
-    notifier = Notifier(NotifySettings(command=script(tmp_path, "slow.py", body),
+    """Each channel waits for the other to have begun before it finishes: run one after the
+    other, the first would wait 5 s in vain and fail (the command exits 3, the webhook gets
+    409). No timing bound: a slow start of either only makes the other wait."""
+    arrived, out = tmp_path / "arrived", tmp_path / "ran"
+
+    def hold() -> bool:
+        arrived.write_text("yes")
+        deadline = time.monotonic() + 5
+        while not out.exists():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    receiver.hold = hold
+    body = f"""\
+import os, sys, time
+deadline = time.monotonic() + 5
+while not os.path.exists({str(arrived)!r}):
+    if time.monotonic() > deadline:
+        sys.exit(3)
+    time.sleep(0.02)
+open({str(out)!r}, "w").write("yes")
+"""
+    notifier = Notifier(NotifySettings(command=script(tmp_path, "meet.py", body),
                                        webhook=receiver.url()))
-    started = time.monotonic()
     results = await notifier.send(EVENT)
-    elapsed = time.monotonic() - started
     await notifier.aclose()
     assert results == ["command: exit 0", "webhook: HTTP 204"]
     assert out.read_text() == "yes" and len(receiver.requests) == 1
-    assert elapsed < 1.8  # one after the other would take 2 s
 
 
 async def test_logs_show_the_reason_and_no_planted_secret(

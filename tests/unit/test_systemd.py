@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import socket
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from proxy.daemon.systemd import SystemdNotifier, watchdog_interval
@@ -64,13 +67,32 @@ def test_watchdog_interval() -> None:
                               "WATCHDOG_PID": str(os.getpid())}) == 15.0
 
 
+class _Timed(SystemdNotifier):
+    """The real notifier, noting the monotonic time of each datagram it sends."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        super().__init__(env)
+        self.sent: list[tuple[float, str]] = []
+
+    def send(self, *fields: str) -> None:
+        self.sent.append((time.monotonic(), fields[0]))
+        super().send(*fields)
+
+
 def test_watchdog_pings_come_from_the_loop() -> None:
     sock, path = _socket()
+    # WATCHDOG_USEC 0.2 s: a ping every 0.1 s (half the period). Wait for the pings themselves,
+    # not a fixed window (a busy machine stalls the loop now and then), then check their spacing.
+    notifier = _Timed({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
+
+    def pings() -> list[float]:
+        return [at for at, field in notifier.sent if field == "WATCHDOG=1"]
 
     async def main() -> None:
-        notifier = SystemdNotifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "100000"})
         task = asyncio.create_task(notifier.run(lambda: "fine"))
-        await asyncio.sleep(0.22)
+        async with asyncio.timeout(10):
+            while len(pings()) < 6:
+                await asyncio.sleep(0.01)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         notifier.close()
@@ -88,4 +110,10 @@ def test_watchdog_pings_come_from_the_loop() -> None:
         sock.close()
         os.unlink(path)
     assert got[:2] == ["WATCHDOG=1", "STATUS=fine"]
-    assert got.count("WATCHDOG=1") >= 4  # every 0.05 s for 0.22 s
+    assert got.count("WATCHDOG=1") == len(pings()) >= 6  # each one reached the socket
+    gaps = sorted(b - a for a, b in itertools.pairwise(pings()))
+    # Never faster than every 0.1 s; typically 0.1 s: a stall delays a ping or two, but the
+    # median of five gaps stays well under the whole period (0.2 s), which a notifier pinging
+    # once per period (or once per STATUS interval, 5 s) cannot reach.
+    assert gaps[0] >= 0.095, gaps
+    assert statistics.median(gaps) < 0.15, gaps
