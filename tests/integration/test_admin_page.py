@@ -103,6 +103,11 @@ def sign_in_link(config: Path) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+# How many pixels the accounts table is wider than the box it scrolls in.
+_TABLE_OVERFLOW = ("const box = document.querySelector('.tablewrap');"
+                   " return box.scrollWidth - box.clientWidth;")
+
+
 def wait_for(condition: Any, timeout: float = 20.0) -> Any:
     """Poll until `condition()` is truthy. An element of the page being left (stale) or of the
     one not there yet (no such element) only means "not yet"."""
@@ -213,9 +218,24 @@ def test_sign_in_from_the_page_then_imap_with_its_passwords(
         assert re.match(r"in (59|60) min\n", cells[2]), cells[2]
         assert re.match(r"(just now|\d+ s ago)\n", cells[3])
         assert cells[4].startswith("in ")  # refreshing from now on
+        # On the 1440 px window the ten columns fit: no scroll bar under the table.
+        assert page.execute_script(_TABLE_OVERFLOW) <= 0
         screenshot(page, tmp_path / "accounts.png")
         if NOTES_SCREENSHOT.parent.is_dir() and os.access(NOTES_SCREENSHOT.parent, os.W_OK):
             shutil.copy(tmp_path / "accounts.png", NOTES_SCREENSHOT)
+        # On a 1024 px one the table scrolls, and the rows' actions stay in view at its edge.
+        page.set_window_size(1024, 768)
+        try:
+            assert page.execute_script(_TABLE_OVERFLOW) > 0
+            edge = page.find_element(By.CSS_SELECTOR, ".tablewrap").rect
+            for action in page.find_elements(By.CSS_SELECTOR, "table.accounts td.actions a, "
+                                                              "table.accounts td.actions button"):
+                box = action.rect
+                assert edge["x"] <= box["x"] and box["x"] + box["width"] <= edge["x"] + edge[
+                    "width"], (box, edge)
+            screenshot(page, tmp_path / "accounts-1024.png")
+        finally:
+            page.set_window_size(1440, 900)
 
 
 def test_device_code_on_the_page_and_what_is_refused(
