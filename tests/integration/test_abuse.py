@@ -198,12 +198,18 @@ async def test_each_wrong_guess_from_a_peer_waits_longer(harness: ProxyHarness,
         # Delays 0, 0.5, 1, 2, 3 (capped from 4) on top of the password check itself.
         assert [t >= d for t, d in zip(times, (0, 0.5, 1, 2, 3), strict=True)] == [True] * 5
         assert times[1] < times[3] and times[4] < times[3] + 1.9, times
-        # Another address is not slowed down; a success resets the delay.
+        # Another address is not slowed down; a success resets the delay. Were 127.0.0.2
+        # penalised for 127.0.0.1's guesses, or the delay not reset, the login would first wait
+        # the capped delay (3 s): any bound under that tells them apart. No warm-up login
+        # before: it would make the password known, and a known password skips the penalty
+        # (so this one pays the password check, the token and the upstream login: about 1 s
+        # on a loaded machine).
+        capped = 3.0
         elapsed, status = await login_time(daemon, mail_user, LOCAL_PASSWORD, OTHER_PEER)
-        assert status.startswith(b"t1 OK") and elapsed < 2.5
-        await login_time(daemon, mail_user, LOCAL_PASSWORD)  # waits 3 s, then succeeds
+        assert status.startswith(b"t1 OK") and elapsed < capped, elapsed
+        await login_time(daemon, mail_user, LOCAL_PASSWORD)  # known now: succeeds at once
         elapsed, status = await login_time(daemon, mail_user, "wrong again")
-        assert status.startswith(b"t1 NO") and elapsed < 2.5, times
+        assert status.startswith(b"t1 NO") and elapsed < capped, (times, elapsed)
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert refusals and all("from 127.0.0.1 " in m for m in refusals), refusals
 
