@@ -94,6 +94,15 @@ async def test_idle_flood_from_one_peer_leaves_another_working(harness: ProxyHar
                 writer.close()
 
 
+async def first_line(host: str, port: int) -> bytes:
+    """What a listener says first to a new connection, which is then closed."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        return await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+
+
 async def test_global_limit_refuses_with_each_protocols_reply(harness: ProxyHarness) -> None:
     one = {"max_connections": 1}
     settings = with_(harness.settings(), imap=one, pop3=one, smtp=one)
@@ -108,11 +117,13 @@ async def test_global_limit_refuses_with_each_protocols_reply(harness: ProxyHarn
             assert await asyncio.wait_for(r2.read(), 5) == b""  # and closed
             w1.close()
             w2.close()
-            await asyncio.sleep(0.1)
-            # The slot is free again once the first one is gone.
-            r3, w3 = await asyncio.open_connection(host, port)
-            assert not (await asyncio.wait_for(r3.readline(), 5)).startswith(busy)
-            w3.close()
+            # The slot is free again once the first one is gone: the daemon sees it go a
+            # moment later, so ask again for a while (a slot never given back stays busy).
+            deadline = time.monotonic() + 5
+            while (line := await first_line(host, port)).startswith(busy) \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not line.startswith(busy), (proto, line)
 
 
 async def test_noop_every_half_second_does_not_extend_the_login_deadline(
@@ -120,18 +131,22 @@ async def test_noop_every_half_second_does_not_extend_the_login_deadline(
     settings = with_(harness.settings(), imap={"login_timeout": 2.0},
                      smtp={"login_timeout": 2.0})
     async with harness.run(settings) as daemon:
-        client = await imap(daemon)
+        # Timed from before connecting: the deadline starts after that, so a session closed
+        # on time lasts at least 2 s whatever the machine's load. At most: the deadline, a
+        # NOOP interval (0.5 s) to notice, and 2 s for a busy machine; a NOOP that extended
+        # the deadline would keep the session open through all 20 NOOPs (10 s).
         started = time.monotonic()
+        client = await imap(daemon)
         with pytest.raises(ConnectionError):
             for _ in range(20):
                 await client.command("NOOP", timeout=5)
                 await asyncio.sleep(0.5)
-        assert 1.9 < time.monotonic() - started < 4.0
+        assert 1.9 < time.monotonic() - started < 4.5
         await client.close()
 
+        started = time.monotonic()
         reader, writer = await asyncio.open_connection(*daemon.address("smtp"))
         await reader.readline()
-        started = time.monotonic()
         last = b""
         for _ in range(20):
             writer.write(b"NOOP\r\n")
@@ -140,7 +155,7 @@ async def test_noop_every_half_second_does_not_extend_the_login_deadline(
                 break
             await asyncio.sleep(0.5)
         assert last.startswith(b"421 4.4.2"), last
-        assert 1.9 < time.monotonic() - started < 4.0
+        assert 1.9 < time.monotonic() - started < 4.5
         writer.close()
 
 
@@ -183,12 +198,18 @@ async def test_each_wrong_guess_from_a_peer_waits_longer(harness: ProxyHarness,
         # Delays 0, 0.5, 1, 2, 3 (capped from 4) on top of the password check itself.
         assert [t >= d for t, d in zip(times, (0, 0.5, 1, 2, 3), strict=True)] == [True] * 5
         assert times[1] < times[3] and times[4] < times[3] + 1.9, times
-        # Another address is not slowed down; a success resets the delay.
+        # Another address is not slowed down; a success resets the delay. Were 127.0.0.2
+        # penalised for 127.0.0.1's guesses, or the delay not reset, the login would first wait
+        # the capped delay (3 s): any bound under that tells them apart. No warm-up login
+        # before: it would make the password known, and a known password skips the penalty
+        # (so this one pays the password check, the token and the upstream login: about 1 s
+        # on a loaded machine).
+        capped = 3.0
         elapsed, status = await login_time(daemon, mail_user, LOCAL_PASSWORD, OTHER_PEER)
-        assert status.startswith(b"t1 OK") and elapsed < 2.5
-        await login_time(daemon, mail_user, LOCAL_PASSWORD)  # waits 3 s, then succeeds
+        assert status.startswith(b"t1 OK") and elapsed < capped, elapsed
+        await login_time(daemon, mail_user, LOCAL_PASSWORD)  # known now: succeeds at once
         elapsed, status = await login_time(daemon, mail_user, "wrong again")
-        assert status.startswith(b"t1 NO") and elapsed < 2.5, times
+        assert status.startswith(b"t1 NO") and elapsed < capped, (times, elapsed)
     refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
     assert refusals and all("from 127.0.0.1 " in m for m in refusals), refusals
 
@@ -211,33 +232,53 @@ async def test_parallel_guesses_from_one_peer_are_serialised(harness: ProxyHarne
 async def test_honest_login_during_a_guessing_storm(harness: ProxyHarness,
                                                     mail_user: str) -> None:
     harness.provision(mail_user)
+    auth = AuthSettings(failure_delay=0.2, failure_delay_max=1.0, max_failures_per_ip=10000,
+                        max_failures_per_account=10000)
+    # The guesses still queued at the end are cut off at once, not waited for (about 20 s).
     settings = harness.settings(harness.account(mail_user)).model_copy(
-        update={"auth": AuthSettings(failure_delay=0.2, failure_delay_max=1.0,
-                                     max_failures_per_ip=10000,
-                                     max_failures_per_account=10000)})
+        update={"auth": auth, "shutdown_grace": 0.0})
     async with harness.run(settings) as daemon:
         await login_time(daemon, mail_user, LOCAL_PASSWORD, OTHER_PEER)  # known from now on
-        normal = sorted([(await login_time(daemon, mail_user, LOCAL_PASSWORD, OTHER_PEER))[0]
-                         for _ in range(5)])[2]
-        stop = asyncio.Event()
+        normal = statistics.median([
+            (await login_time(daemon, mail_user, LOCAL_PASSWORD, OTHER_PEER))[0]
+            for _ in range(5)])
+
+        refused = 0
+
+        async def guess(n: int) -> None:
+            nonlocal refused
+            client = await imap(daemon)
+            try:
+                status = tagged_status(await client.login(mail_user, f"guess {n}"))
+                refused += status.startswith(b"t1 NO [AUTHENTICATIONFAILED]")
+            finally:
+                client.writer.close()
 
         async def guesser(n: int) -> None:
-            while not stop.is_set():
+            while True:
                 with contextlib.suppress(ConnectionError, TimeoutError):
-                    await login_time(daemon, mail_user, f"guess {n}")
+                    await guess(n)
+
+        async def capped() -> bool:
+            return refused >= 4
 
         async with asyncio.TaskGroup() as tg:
-            for n in range(20):
-                tg.create_task(guesser(n))
-            await asyncio.sleep(0.5)
+            guessers = [tg.create_task(guesser(n)) for n in range(20)]
+            # After four refusals the guesses wait the capped delay (0.2 s doubled thrice is
+            # over 1 s): a login queued among them or made to wait their delay takes at least
+            # 1 s longer than normal from then on.
+            await _until(capped, 20)
             during = []
             for _ in range(10):
                 elapsed, status = await login_time(daemon, mail_user, LOCAL_PASSWORD,
                                                    OTHER_PEER)
                 assert status.startswith(b"t1 OK")
                 during.append(elapsed)
-            stop.set()
-        assert max(during) < normal + 0.1, (normal, during)
+            for task in guessers:
+                task.cancel()
+        # Every login would be >= 1 s late; a busy machine's hiccup delays one by far less.
+        assert statistics.median(during) < normal + 0.5, (normal, during)
+        assert max(during) < normal + 0.9, (normal, during)
 
 
 async def test_unknown_and_known_users_are_refused_alike(harness: ProxyHarness,
@@ -276,7 +317,9 @@ async def test_token_endpoint_blackholed_fails_fast_and_recovers(
         for _ in range(3):
             elapsed, status = await login_time(daemon, mail_user, LOCAL_PASSWORD)
             assert status.startswith(b"t1 NO [UNAVAILABLE]")
-            assert elapsed < 0.3  # at once: the password is known, the failure remembered
+            # At once: the password is known, the failure remembered. Without the memory it
+            # would wait the whole 1 s deadline again; 0.8 leaves a busy machine room below it.
+            assert elapsed < 0.8, elapsed
         token_server.authority.token_delay = 0.0
 
         async def logs_in() -> bool:
