@@ -20,16 +20,9 @@ from proxy.core.pop3_upstream import Pop3Upstream
 from proxy.daemon.limits import ConnectionLimits, QuietResourceErrors
 from proxy.penalty import Penalty
 from proxy.vault import Vault, VaultBusy
+from tests.support.clock import ManualClock as Clock
 
 KEY = "user@example.test"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_delay_doubles_per_failure_up_to_the_cap_and_a_success_resets_it() -> None:

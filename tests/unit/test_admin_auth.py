@@ -3,14 +3,7 @@
 from __future__ import annotations
 
 from proxy.admin.auth import MAX_LINKS, MAX_SESSIONS, Gatekeeper
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import ManualClock as Clock
 
 
 def test_link_once_and_only_in_time() -> None:

@@ -21,6 +21,7 @@ from proxy.daemon.memory import (
     forget_allocator_variable,
     wants_c_allocator,
 )
+from tests.support.clock import ManualClock as Clock
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,14 +81,6 @@ def test_restart_variable_is_not_handed_to_commands(monkeypatch: pytest.MonkeyPa
     assert os.environ["PYTHONMALLOC"] == "malloc"
     monkeypatch.setenv("PYTHONMALLOC", "pymalloc_debug")
     assert allocator_in_use() == "Python's own (pymalloc_debug)"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_release_when_a_crowd_has_left_or_now_and_then() -> None:

@@ -20,6 +20,7 @@ from proxy.observe import Observer
 from proxy.sessions import spare as spare_module
 from proxy.sessions.spare import SpareSessions, boot_clock
 from proxy.tokens.store import TokenState
+from tests.support.clock import ManualClock as Clock
 
 
 class Conn:
@@ -70,13 +71,6 @@ class Gate:
             raise Refusal("unavailable", "cannot reach the server; try again later")
         session.conn = Conn()
         session.logged_in = object()
-
-
-class Clock:
-    now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def account(address: str = "a@example.com", **extra: Any) -> Account:

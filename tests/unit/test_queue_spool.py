@@ -19,20 +19,13 @@ import pytest
 from proxy.queue import spool as spool_module
 from proxy.queue.index import IndexDb
 from proxy.queue.spool import QueueFull, Spool
+from tests.support.clock import ManualClock as Clock
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class Crash(BaseException):
     """A kill at a chosen step: nothing after it runs, no cleanup either."""
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -143,7 +136,7 @@ async def test_a_crash_at_any_step_loses_nothing_that_was_acknowledged(
 
 
 async def test_recover_requeues_deliveries_in_flight_and_makes_all_due(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = Clock(1_700_000_000.0)
     s = await Spool.open(tmp_path / "q", clock=clock)
     a = await receive(s, b"a\r\n")
     b = await receive(s, b"b\r\n")

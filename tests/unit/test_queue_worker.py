@@ -18,20 +18,13 @@ from proxy.queue.ratelimit import Limits
 from proxy.queue.spool import Spool
 from proxy.queue.upstream import Attempt, Reply, SessionLost, SessionRefused
 from proxy.queue.worker import POLL, AccountWorker, backoff
+from tests.support.clock import ManualClock as Clock
 
 ACCOUNT = Account(address="Office@example.com", provider="custom", client_id="c",
                   token_url="http://127.0.0.1:1/token", scopes=[],
                   smtp_server="127.0.0.1:2525")
 KEY = ACCOUNT.key
 OK = Reply(250, "2.0.0 Ok")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -121,7 +114,7 @@ class Rig:
 
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
-    clock = Clock()
+    clock = Clock(1_700_000_000.0)
     spool = await Spool.open(tmp_path / "q", clock=clock)
     server = Server()
     failures: list[str] = []

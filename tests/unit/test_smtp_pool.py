@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from proxy.smtp.pool import SessionPool
+from tests.support.clock import ManualClock as Clock
 
 
 class Session:
@@ -15,15 +16,8 @@ class Session:
         self.closed = True
 
 
-class Clock:
-    now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_take_give_expire() -> None:
-    clock = Clock()
+    clock = Clock(100.0)
     pool: SessionPool[Session] = SessionPool(idle_timeout=60, per_account=2, clock=clock)
     assert pool.take("a") is None and pool.misses == 1
     first, second, third = Session(), Session(), Session()

@@ -27,18 +27,11 @@ from proxy.tokens import (
 )
 from proxy.tokens.grants import parse_expires_in, parse_retry_after
 from proxy.tokens.manager import TokenManager
+from tests.support.clock import ManualClock as FakeClock
 
 KEY = "alice@example.com"
 T0 = 1_700_000_000.0
 SECRET = "s3cret-client-value"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 Reply = httpx.Response | Exception | Callable[[dict[str, str]], httpx.Response]
@@ -147,7 +140,7 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path: Path) -> Any:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     e = Env(tmp_path, clock, Endpoint(clock), FileTokenStore(tmp_path))
     e.store.save(KEY, TokenState(refresh_token="RT-SECRET-1"))
     yield e
