@@ -16,7 +16,7 @@ from proxy.config import VaultSettings
 from proxy.tokens.store import TokenState
 from proxy.vault import Vault
 from tests.support.dovecot import Dovecot
-from tests.support.imapclient import RawImap, tagged_status
+from tests.support.imapclient import RawImap, fetch_direct, tagged_status
 from tests.support.proxyrun import LOCAL_PASSWORD, ProxyHarness
 from tests.support.servers import free_port
 from tests.support.tokenserver import TEST_CLIENT_SECRET, TokenServer
@@ -104,12 +104,9 @@ async def test_fetch_is_byte_identical_to_direct(harness: ProxyHarness, dovecot:
     harness.provision(mail_user)
     for i in range(3):
         dovecot.deliver(mail_user, MESSAGE.replace(b"m1@", b"m%d@" % i))
-    direct = await RawImap.connect(dovecot.host, dovecot.imaps_port, ca_file=dovecot.ca_file)
-    token = token_server.authority.issue_access_token(mail_user)
-    assert tagged_status(await direct.xoauth2(mail_user, token)).startswith(b"t1 OK")
-    await direct.command("SELECT INBOX")
-    expected = await direct.command("FETCH 1:* (UID RFC822.SIZE BODY.PEEK[])")
-    await direct.close()
+    expected = await fetch_direct(dovecot.host, dovecot.imaps_port, dovecot.ca_file, mail_user,
+                                  token_server.authority.issue_access_token(mail_user),
+                                  "FETCH 1:* (UID RFC822.SIZE BODY.PEEK[])")
     assert expected.count(b"* ") >= 3 and MESSAGE[:40] in expected
 
     async with harness.run(harness.settings(harness.account(mail_user))) as daemon:

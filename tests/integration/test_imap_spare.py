@@ -14,7 +14,7 @@ import pytest
 from proxy.config import Settings
 from proxy.daemon.server import Daemon
 from tests.support.dovecot import Dovecot
-from tests.support.imapclient import RawImap, tagged_status
+from tests.support.imapclient import RawImap, fetch_direct, tagged_status
 from tests.support.proxyrun import LOCAL_PASSWORD, ProxyHarness
 from tests.support.tokenserver import TokenServer
 
@@ -57,12 +57,9 @@ async def test_second_login_takes_the_spare_and_works(
     caplog.set_level(logging.INFO, logger="mailproxy")
     harness.provision(mail_user)
     dovecot.deliver(mail_user, MESSAGE)
-    direct = await RawImap.connect(dovecot.host, dovecot.imaps_port, ca_file=dovecot.ca_file)
-    token = token_server.authority.issue_access_token(mail_user)
-    assert tagged_status(await direct.xoauth2(mail_user, token)).startswith(b"t1 OK")
-    await direct.command("SELECT INBOX")
-    expected = await direct.command("FETCH 1 (UID BODY.PEEK[])")
-    await direct.close()
+    expected = await fetch_direct(dovecot.host, dovecot.imaps_port, dovecot.ca_file, mail_user,
+                                  token_server.authority.issue_access_token(mail_user),
+                                  "FETCH 1 (UID BODY.PEEK[])")
 
     async with harness.run(harness.settings(harness.account(mail_user))) as daemon:
         first, status = await log_in(daemon, mail_user)

@@ -85,3 +85,16 @@ class RawImap:
 def tagged_status(response: bytes) -> bytes:
     """The last line: ``tag OK ...``."""
     return response.rstrip(b"\r\n").rsplit(b"\r\n", 1)[-1]
+
+
+async def fetch_direct(host: str, port: int, ca_file: Path, user: str, token: str,
+                       fetch: str) -> bytes:
+    """``fetch`` (a FETCH command) on INBOX, straight from the server over implicit TLS with
+    XOAUTH2: what the proxy's answer must match byte for byte."""
+    direct = await RawImap.connect(host, port, ca_file=ca_file)
+    try:
+        assert tagged_status(await direct.xoauth2(user, token)).startswith(b"t1 OK")
+        await direct.command("SELECT INBOX")
+        return await direct.command(fetch)
+    finally:
+        await direct.close()
